@@ -1,0 +1,63 @@
+"""Loads the compiled extension lifeiqa_fast._C and says what it holds.
+
+If _C is missing or fails to load, the package still imports, the reference implementations serve,
+and one warning says why (with the loader's message). LIFEIQA_FAST_DISABLE_EXT=1 skips loading it,
+to run (and test) the package as if it had not been built.
+"""
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import os
+import pathlib
+import warnings
+
+import torch
+
+PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+
+
+def _find_library() -> pathlib.Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = PACKAGE_DIR / f"_C{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+def _load() -> tuple[bool, str | None]:
+    if os.environ.get("LIFEIQA_FAST_DISABLE_EXT", "0") == "1":
+        return False, "LIFEIQA_FAST_DISABLE_EXT=1 is set"
+    path = _find_library()
+    if path is None:
+        return False, f"no compiled extension _C in {PACKAGE_DIR} (build it: pip install --no-build-isolation -e .)"
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as exc:
+        return False, f"{path.name} failed to load: {exc}"
+    return True, None
+
+
+LOADED, LOAD_ERROR = _load()
+if not LOADED:
+    warnings.warn(
+        f"lifeiqa_fast: the compiled kernels are unavailable ({LOAD_ERROR}); "
+        "the reference implementations serve every op",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def _read_build_info() -> dict:
+    path = PACKAGE_DIR / "_build_info.json"
+    return json.loads(path.read_text()) if LOADED and path.exists() else {}
+
+
+BUILD_INFO = _read_build_info()
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether _C registered a kernel of lifeiqa_fast::<op> for the device type ("cpu" or "cuda")."""
+    if not LOADED:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lifeiqa_fast::{op}", device_type.upper())

@@ -1,0 +1,85 @@
+"""What lifeiqa_fast was built with and which implementation impl="auto" picks, per op and device.
+
+`python -m lifeiqa_fast.info` prints it; `lifeiqa_fast.info()` returns it as a dict.
+"""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from .. import _ext
+from .._version import __version__
+from ..ops._impl import choose, triton_status, validation
+
+OPS = ("grid_pool",)
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def info() -> dict:
+    """Versions, the compiled extension, the devices, and per op and device the auto choice and why."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    built_cuda = bool(_ext.BUILD_INFO.get("cuda"))
+    ops = {}
+    for op in OPS:
+        kernels = {
+            "cpu": _ext.has_kernel(op, "cpu"),
+            "cuda": _ext.has_kernel(op, "cuda"),
+            "triton": triton_status()[0],
+        }
+        validated = {backend: validation(op, backend) for backend in ("cuda", "triton")}
+        auto = {}
+        for device in devices:
+            impl, reason = choose(op, device, "auto")
+            auto[device] = {"impl": impl, "reason": reason}
+        ops[op] = {"kernels": kernels, "gpu_validation": validated, "auto": auto}
+    return {
+        "versions": {
+            "lifeiqa_fast": __version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda (torch build)": torch.version.cuda,
+            "triton": _version("triton"),
+            "timm": _version("timm"),
+        },
+        "extension": {
+            "loaded": _ext.LOADED,
+            "error": _ext.LOAD_ERROR,
+            "backends": (["CPU"] if _ext.LOADED else []) + (["CUDA"] if _ext.LOADED and built_cuda else []),
+            "cuda_arch_list": _ext.BUILD_INFO.get("cuda_arch_list"),
+        },
+        "devices": {
+            "cpu": platform.processor() or platform.machine(),
+            "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        },
+        "ops": ops,
+    }
+
+
+def format_info(report: dict) -> str:
+    lines = ["lifeiqa_fast " + report["versions"]["lifeiqa_fast"]]
+    lines += [f"  {k}: {v}" for k, v in report["versions"].items() if k != "lifeiqa_fast"]
+    ext = report["extension"]
+    state = "loaded, backends " + ", ".join(ext["backends"]) if ext["loaded"] else f"NOT loaded ({ext['error']})"
+    lines.append(f"compiled extension _C: {state}")
+    if ext["cuda_arch_list"]:
+        lines.append(f"  CUDA architectures: {ext['cuda_arch_list']}")
+    cuda = report["devices"]["cuda"]
+    lines.append(f"devices: cpu ({report['devices']['cpu']})" + "".join(f", cuda:{i} ({n})" for i, n in enumerate(cuda)))
+    lines.append("ops:")
+    for op, entry in report["ops"].items():
+        k = entry["kernels"]
+        lines.append(f"  {op}: kernels cpu={'yes' if k['cpu'] else 'no'} cuda={'yes' if k['cuda'] else 'no'} "
+                     f"triton={'yes' if k['triton'] else 'no'}")
+        for backend, record in entry["gpu_validation"].items():
+            status = f"validated on {record['gpu']} ({record['date']})" if record else "never validated on a GPU"
+            lines.append(f"    {backend} kernel: {status}")
+        for device, choice in entry["auto"].items():
+            lines.append(f"    auto on {device}: {choice['impl']} ({choice['reason']})")
+    return "\n".join(lines)

@@ -1,0 +1,319 @@
+"""LifeIQA: the Life-IQA model with the authors' module structure and state-dict keys (SPEC.md).
+
+The head calls the op families of lifeiqa_fast.ops with the module's impl; impl="reference" computes
+everything the authors' way (lifeiqa_fast.reference).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import reference
+from .ops import grid_pool
+from .ops._impl import _check_impl
+
+
+class GridPool(nn.Module):
+    """The UPP layer: (B, H, W, C) stage map -> (B, grid * grid, C) bin means."""
+
+    def __init__(self, grid: int = 7, impl: str | None = None):
+        super().__init__()
+        self.grid, self.impl = grid, impl
+
+    def forward(self, x: Tensor) -> Tensor:
+        return grid_pool(x, self.grid, layout="nhwc", impl=self.impl)
+
+
+class GraphConvolution(nn.Module):
+    """One graph convolution's parameters: weight stored (in, out) as in the authors' checkpoints."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        nn.init.kaiming_uniform_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
+class GcnModel(nn.Module):
+    """Three graph convolutions D -> D/2 -> D/4 -> D."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gcn1 = GraphConvolution(dim, dim // 2)
+        self.gcn2 = GraphConvolution(dim // 2, dim // 4)
+        self.gcn3 = GraphConvolution(dim // 4, dim)
+
+
+class DecoderLayer(nn.Module):
+    """x = x + GCN(A, x); x = x + MHA(norm2(x), m, m). No self-attention, no FFN, dropout 0."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.multihead_attn = nn.MultiheadAttention(dim, num_heads, dropout=0.0, batch_first=True)
+        self.GCN = GcnModel(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+
+    def forward(self, x: Tensor, memory: Tensor, adj: Tensor) -> Tensor:
+        g = self.GCN
+        x = reference.gcn_ref(x, adj, g.gcn1.weight, g.gcn1.bias, g.gcn2.weight, g.gcn2.bias, g.gcn3.weight,
+                              g.gcn3.bias)
+        attn = self.multihead_attn
+        return reference.cross_attention_ref(
+            x, memory, self.norm2.weight, self.norm2.bias, attn.in_proj_weight, attn.in_proj_bias,
+            attn.out_proj.weight, attn.out_proj.bias, attn.num_heads, self.norm2.eps,
+        )
+
+
+class Decoder(nn.Module):
+    """L decoder layers over the N query tokens, sharing the fixed graph A (a buffer, not saved)."""
+
+    def __init__(self, depth: int, dim: int, num_heads: int, num_queries: int):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(dim, num_heads) for _ in range(depth))
+        self.register_buffer("adj", reference.fixed_adjacency(num_queries), persistent=False)
+
+    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
+        adj = self.adj.to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, memory, adj)
+        return x
+
+
+class TopkRouter(nn.Module):
+    def __init__(self, dim: int, num_experts: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, num_experts)
+
+
+class Expert(nn.Module):
+    """Linear(D, 4D) -> ReLU -> Dropout(0.1) -> Linear(4D, D): keys net.0.* and net.3.*."""
+
+    def __init__(self, dim: int, dropout: float = 0.1):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed mixture of E experts on every token; returns (out, aux, z)."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"lifeiqa_fast.LifeIQA: top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        self.top_k = top_k
+        self.router = TopkRouter(dim, num_experts)
+        self.experts = nn.ModuleList(Expert(dim) for _ in range(num_experts))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        nets = [e.net for e in self.experts]
+        out, aux, z = reference.moe_ref(
+            x.reshape(-1, x.shape[-1]), self.router.linear.weight, self.router.linear.bias,
+            [n[0].weight for n in nets], [n[0].bias for n in nets], [n[3].weight for n in nets],
+            [n[3].bias for n in nets], self.top_k, nets[0][2].p, self.training,
+        )
+        return out.view_as(x), aux, z
+
+
+class MLP(nn.Module):
+    """The E == 1 head: Linear(D, 4D) -> GELU -> Linear(4D, D) -> Dropout(0.1); aux = z = 0."""
+
+    def __init__(self, dim: int, dropout: float = 0.1):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        zero = x.new_zeros((), dtype=torch.float32)
+        return self.net(x), zero, zero
+
+
+def _create_backbone(name: str, pretrained) -> nn.Module:
+    import timm
+
+    if pretrained is True:
+        return timm.create_model(f"{name}.ms_in22k_ft_in1k" if "." not in name else name, pretrained=True)
+    if pretrained in (False, None):
+        return timm.create_model(name, pretrained=False)
+    path = os.fspath(pretrained)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"lifeiqa_fast.LifeIQA: pretrained backbone weights not found: {path}")
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+
+
+class LifeIQA(nn.Module):
+    """Life-IQA (Tang et al., CVPR 2026): Swin backbone + GCN / cross-attention decoder + sparse MoE head.
+
+    Args:
+        num_experts: E; 1 replaces the MoE by a plain GELU MLP (aux = z = 0).
+        top_k: experts per token, 1 <= top_k <= num_experts.
+        depth: decoder layers L. num_queries: query tokens N. embed_dim: D. num_heads: attention heads.
+        backbone: a timm Swin transformer name (stage 3 and 4 maps feed the head).
+        pretrained: False (random backbone), True (timm's ms_in22k_ft_in1k weights, needs a network)
+            or a path to local backbone weights (a timm, safetensors or torch file).
+        impl: implementation of the head ops: "auto", "reference", "native", "triton", or None for
+            the process-wide default.
+
+    forward(x (B, 3, H, W), ImageNet-normalised) returns (score (B, 1), aux (), z ()); the state dict
+    has exactly the authors' keys, so official checkpoints load strictly.
+    """
+
+    def __init__(
+        self,
+        num_experts: int = 8,
+        top_k: int = 2,
+        depth: int = 4,
+        num_queries: int = 6,
+        embed_dim: int = 384,
+        num_heads: int = 6,
+        backbone: str = "swin_base_patch4_window7_224",
+        pretrained=False,
+        impl: str | None = "auto",
+    ):
+        super().__init__()
+        if impl is not None:
+            _check_impl(impl)
+        for name, value in (("num_experts", num_experts), ("depth", depth), ("num_queries", num_queries)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"lifeiqa_fast.LifeIQA: {name} must be a positive int, got {value!r}")
+        if embed_dim % num_heads or embed_dim % 4:
+            raise ValueError(f"lifeiqa_fast.LifeIQA: embed_dim must be divisible by num_heads and 4, "
+                             f"got embed_dim={embed_dim}, num_heads={num_heads}")
+        self.config = dict(num_experts=num_experts, top_k=top_k, depth=depth, num_queries=num_queries,
+                           embed_dim=embed_dim, num_heads=num_heads, backbone=backbone)
+        self.bunch_embedding = nn.Parameter(torch.zeros(1, num_queries, embed_dim))
+        nn.init.trunc_normal_(self.bunch_embedding, std=0.02)
+        self.gamma = nn.Parameter(torch.tensor(0.1))
+
+        self.pretrain_model = _create_backbone(backbone, pretrained)
+        if not (hasattr(self.pretrain_model, "patch_embed") and len(getattr(self.pretrain_model, "layers", [])) == 4):
+            raise ValueError(f"lifeiqa_fast.LifeIQA: backbone must be a timm Swin transformer with 4 stages, "
+                             f"got {backbone!r}")
+        stage_channels = [info["num_chs"] for info in self.pretrain_model.feature_info]
+        m = self.pretrain_model
+        self.backbone_stages = nn.ModuleList([nn.Sequential(m.patch_embed, m.layers[0]), m.layers[1], m.layers[2],
+                                              m.layers[3]])
+        del m.norm
+        del m.head
+
+        self.UPP_layer3 = GridPool(7, impl)
+        self.proj_layer3 = nn.Linear(stage_channels[2], embed_dim)
+        self.proj_layer4 = nn.Conv2d(stage_channels[3], embed_dim, kernel_size=1)
+        self.bunch_decoder = Decoder(depth, embed_dim, num_heads, num_queries)
+        self.MOE = MLP(embed_dim) if num_experts == 1 else SparseMoE(embed_dim, num_experts, top_k)
+        self.norm3 = nn.LayerNorm(embed_dim, eps=1e-5)
+        self.dropout3 = nn.Dropout(0.1)
+        self.fc = nn.Linear(embed_dim, 1)
+        self.impl = impl
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, 3, H, W) -> (f3 (B, H/16, W/16, C3), f4 (B, H/32, W/32, C4)): NHWC stage maps, no final norm."""
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"lifeiqa_fast.LifeIQA: x must be an image batch of shape (B, 3, H, W), got {shape}")
+        feats = []
+        for stage in self.backbone_stages:
+            x = stage(x)
+            feats.append(x)
+        return feats[2], feats[3]
+
+    def forward_head(self, f3: Tensor, f4: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(f3 (B, h3, w3, C3), f4 (B, h4, w4, C4)) NHWC -> (score (B, 1), aux (), z ())."""
+        B = f4.shape[0]
+        if self.impl == "reference":  # the authors' order: 1x1 conv over every position, then the mean
+            g = self.proj_layer4(f4.permute(0, 3, 1, 2)).flatten(2).mean(dim=2)  # (B, D)
+        else:  # the same value: the mean commutes with the 1x1 conv, so pool first
+            w = self.proj_layer4.weight
+            g = F.linear(f4.mean(dim=(1, 2)), w.view(w.shape[0], w.shape[1]), self.proj_layer4.bias)  # (B, D)
+        x = self.bunch_embedding + g.unsqueeze(1)  # (B, N, D)
+        memory = self.proj_layer3(self.UPP_layer3(f3))  # (B, 49, D)
+        x = self.bunch_decoder(x, memory)
+        y = self.norm3(x)
+        moe_out, aux, z = self.MOE(y)
+        y = self.dropout3(y + self.gamma * moe_out)
+        score = self.fc(y).view(B, -1).mean(dim=1, keepdim=True)  # (B, 1)
+        return score, aux, z
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.forward_head(*self.forward_features(x))
+
+    @property
+    def impl(self) -> str | None:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str | None) -> None:
+        if value is not None:
+            _check_impl(value)
+        self._impl = value
+        self.UPP_layer3.impl = value
+
+
+class _Opaque(dict):
+    """Stands in for a class pickled beside the weights (the authors' yacs config, numpy scalars): it
+    keeps what was pickled and runs none of that class's code, so weights_only loading stays safe."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _load_weights_only(path, map_location):
+    """torch.load(weights_only=True), with any non-tensor class in the file replaced by _Opaque."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        with torch.serialization.safe_globals([(_Opaque, name) for name in unsafe]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _infer_config(state_dict: Mapping[str, Tensor]) -> dict:
+    layers = {int(k.split(".")[2]) for k in state_dict if k.startswith("bunch_decoder.layers.")}
+    experts = {int(k.split(".")[2]) for k in state_dict if k.startswith("MOE.experts.")}
+    if not layers or "bunch_embedding" not in state_dict:
+        raise ValueError("lifeiqa_fast.load_checkpoint: not a Life-IQA state dict (no bunch_embedding or "
+                         "bunch_decoder.layers.* keys)")
+    cfg = dict(depth=max(layers) + 1, num_experts=max(experts) + 1 if experts else 1)
+    _, cfg["num_queries"], cfg["embed_dim"] = state_dict["bunch_embedding"].shape
+    return cfg
+
+
+def load_checkpoint(path_or_dict, map_location="cpu", **overrides) -> LifeIQA:
+    """Build a LifeIQA from an official checkpoint and load its weights strictly.
+
+    path_or_dict: a file saved by the authors' code ({'model': state_dict, 'optimizer': ..., ...}), a
+    bare state dict, or either already loaded. num_experts, depth, num_queries and embed_dim are read
+    from the keys; top_k cannot be (default 2); any LifeIQA argument can be overridden. Files load with
+    weights_only=True. A key mismatch raises an error listing the missing and unexpected keys.
+    """
+    if isinstance(path_or_dict, Mapping):
+        checkpoint = path_or_dict
+    else:
+        path = os.fspath(path_or_dict)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"lifeiqa_fast.load_checkpoint: no checkpoint file at {path}")
+        try:
+            checkpoint = _load_weights_only(path, map_location)
+        except Exception as exc:
+            raise ValueError(f"lifeiqa_fast.load_checkpoint: cannot read {path} as a torch checkpoint: {exc}") from exc
+    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state_dict, Mapping):
+        raise ValueError("lifeiqa_fast.load_checkpoint: expected a state dict or a dict with a 'model' state dict")
+    config = {**_infer_config(state_dict), **overrides}
+    model = LifeIQA(**config)
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"lifeiqa_fast.load_checkpoint: the checkpoint does not match LifeIQA({config}):\n"
+            f"  missing keys ({len(result.missing_keys)}): {result.missing_keys}\n"
+            f"  unexpected keys ({len(result.unexpected_keys)}): {result.unexpected_keys}"
+        )
+    return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model

@@ -1,0 +1,6 @@
+"""The fused op families of Life-IQA's head. Each takes impl="auto" | "reference" | "native" | "triton"
+(None: the process-wide default, see set_default_impl)."""
+from ._impl import IMPLS, get_default_impl, set_default_impl
+from .grid_pool import grid_pool
+
+__all__ = ["IMPLS", "get_default_impl", "grid_pool", "set_default_impl"]

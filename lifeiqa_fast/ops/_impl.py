@@ -1,0 +1,130 @@
+"""Which implementation of an op runs: "reference", "native" (C++/CUDA in _C) or "triton".
+
+`impl="auto"` picks per device and says why (`lifeiqa_fast.info()` lists every choice):
+- CPU: the native C++ kernel when _C is loaded, else the reference (the loader has warned once).
+- CUDA: the native CUDA kernel when it is compiled and has passed its tests on a GPU at this source
+  revision (a record in validation.json), else the Triton kernel under the same rule, else the
+  reference. A kernel that has never been validated on a GPU is never picked by "auto".
+- any other device: the reference.
+An explicit impl that cannot run raises an error saying why; nothing falls back silently.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+
+import torch
+
+from .. import _ext
+
+IMPLS = ("auto", "reference", "native", "triton")
+_default_impl = "auto"
+
+
+def set_default_impl(impl: str) -> None:
+    """Set the process-wide implementation used where an op or module is given impl=None."""
+    global _default_impl
+    _default_impl = _check_impl(impl)
+    choose.cache_clear()
+
+
+def get_default_impl() -> str:
+    return _default_impl
+
+
+def _check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"lifeiqa_fast: impl must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> tuple[bool, str]:
+    """(importable, why not)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return False, f"Triton is not installed ({exc})"
+    return True, ""
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _validation_records() -> tuple[dict, ...]:
+    path = _ext.PACKAGE_DIR / "validation.json"
+    return tuple(json.loads(path.read_text())["records"]) if path.exists() else ()
+
+
+@functools.lru_cache(maxsize=None)
+def source_hash(op: str, backend: str) -> str | None:
+    """sha256 of the kernel source that runs: the CUDA source compiled into _C, or the Triton module."""
+    if backend == "cuda":
+        return _ext.BUILD_INFO.get("cuda_sources", {}).get(op)
+    path = _ext.PACKAGE_DIR / "triton" / f"{op}.py"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def validation(op: str, backend: str) -> dict | None:
+    """The GPU validation record of this op's backend ("cuda" or "triton") at its current source, if any."""
+    digest = source_hash(op, backend)
+    for record in _validation_records():
+        if record["op"] == op and record["backend"] == backend and record["source"] == digest:
+            return record
+    return None
+
+
+def _why_not(op: str, impl: str, device_type: str) -> str | None:
+    """None if `impl` can run `op` on this device type, else the reason it cannot."""
+    if impl == "reference":
+        return None
+    if impl == "native":
+        if not _ext.LOADED:
+            return f"the compiled extension is not loaded: {_ext.LOAD_ERROR}"
+        if not _ext.has_kernel(op, device_type):
+            built = "CUDA sources were not compiled" if device_type == "cuda" else "no kernel registered"
+            return f"_C has no {device_type.upper()} kernel for {op} ({built})"
+        return None
+    ok, why = triton_status()
+    if not ok:
+        return why
+    if device_type == "cpu" and not triton_interpreted():
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+    if device_type not in ("cpu", "cuda"):
+        return f"Triton does not run on {device_type} tensors"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def choose(op: str, device_type: str, impl: str | None = None) -> tuple[str, str]:
+    """(implementation, reason) for `op` on a device type, from impl in IMPLS or None (the default)."""
+    impl = _check_impl(impl if impl is not None else _default_impl)
+    if impl != "auto":
+        why = _why_not(op, impl, device_type)
+        if why is not None:
+            raise RuntimeError(f"lifeiqa_fast.{op}: impl={impl!r} cannot run on {device_type}: {why}")
+        return impl, "requested"
+    if device_type == "cpu":
+        why = _why_not(op, "native", "cpu")
+        return ("native", "C++ CPU kernel") if why is None else ("reference", why)
+    if device_type != "cuda":
+        return "reference", f"no kernels for {device_type}"
+    reasons = []
+    for candidate, backend in (("native", "cuda"), ("triton", "triton")):
+        why = _why_not(op, candidate, "cuda")
+        if why is None and validation(op, backend) is None:
+            kind = "CUDA kernel compiled" if backend == "cuda" else "Triton kernel available"
+            why = f"{kind} but never validated on a GPU at this source revision"
+        if why is None:
+            return candidate, f"{backend} kernel validated on {validation(op, backend)['gpu']}"
+        reasons.append(f"{candidate}: {why}")
+    return "reference", "; ".join(reasons)
+
+
+def resolve(op: str, x: torch.Tensor, impl: str | None) -> str:
+    """The implementation that runs `op` on x's device."""
+    return choose(op, x.device.type, impl)[0]

@@ -1,0 +1,97 @@
+"""grid_pool: UPP pooling of a stage map onto a grid x grid grid (SPEC step 3).
+
+Public function, the Triton op, fake implementations and the autograd formula. The schema of the
+native op lives in csrc/library.cpp, its kernels in csrc/grid_pool.cpp (CPU) and
+kernels/grid_pool.cu (CUDA), the Triton kernels in lifeiqa_fast/triton/grid_pool.py and the
+reference in lifeiqa_fast/reference.py (grid_pool_ref).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+from ..reference import grid_pool_ref
+from ..triton import grid_pool as _triton
+from ._impl import resolve
+
+_LAYOUTS = ("nhwc", "nchw")
+
+
+def grid_pool(x: Tensor, grid: int = 7, layout: str = "nhwc", impl: str | None = None) -> Tensor:
+    """Mean of x over each of grid x grid bins, bins row-major (the authors' UPP layer).
+
+    x: (B, H, W, C) for layout="nhwc" (as timm emits stage maps: no permute copy is made) or
+    (B, C, H, W) for layout="nchw"; H >= grid, W >= grid; float16, bfloat16, float32 or float64
+    (accumulated in float32, float64 in float64); any strides. Returns (B, grid * grid, C),
+    contiguous, x's dtype. Bin edges per axis are torch.linspace(0, H, grid + 1, dtype=int).
+    impl: "auto", "reference", "native", "triton", or None for the process-wide default.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"lifeiqa_fast.grid_pool: x must be a torch.Tensor, got {type(x).__name__}")
+    if layout not in _LAYOUTS:
+        raise ValueError(f"lifeiqa_fast.grid_pool: layout must be one of {_LAYOUTS}, got {layout!r}")
+    if x.dim() != 4:
+        shape = "(B, H, W, C)" if layout == "nhwc" else "(B, C, H, W)"
+        raise ValueError(f"lifeiqa_fast.grid_pool: x must have shape {shape}, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"lifeiqa_fast.grid_pool: x must be a floating tensor, got {x.dtype}")
+    if not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"lifeiqa_fast.grid_pool: grid must be a positive int, got {grid!r}")
+    nhwc = x if layout == "nhwc" else x.permute(0, 2, 3, 1)  # a view: the kernels read any strides
+    if nhwc.shape[1] < grid or nhwc.shape[2] < grid:
+        raise ValueError(
+            f"lifeiqa_fast.grid_pool: x must have H >= grid and W >= grid so that no bin is empty, "
+            f"got H={nhwc.shape[1]}, W={nhwc.shape[2]}, grid={grid}"
+        )
+    which = resolve("grid_pool", x, impl)
+    if which == "reference":
+        return grid_pool_ref(nhwc.permute(0, 3, 1, 2), grid)
+    if which == "native":
+        return torch.ops.lifeiqa_fast.grid_pool(nhwc, grid)
+    return grid_pool_triton(nhwc, grid)
+
+
+@torch.library.custom_op("lifeiqa_fast::grid_pool_triton", mutates_args=())
+def grid_pool_triton(x: Tensor, grid: int) -> Tensor:
+    """The Triton kernel as an op: x (B, H, W, C) -> (B, grid * grid, C)."""
+    return _triton.grid_pool_forward(x, grid)
+
+
+@torch.library.custom_op("lifeiqa_fast::grid_pool_triton_backward", mutates_args=())
+def grid_pool_triton_backward(grad: Tensor, height: int, width: int, grid: int) -> Tensor:
+    """The Triton backward kernel as an op: grad (B, grid * grid, C) -> (B, height, width, C)."""
+    return _triton.grid_pool_backward(grad, height, width, grid)
+
+
+def _fake_forward(x: Tensor, grid: int) -> Tensor:
+    return x.new_empty(x.shape[0], grid * grid, x.shape[3])
+
+
+def _fake_backward(grad: Tensor, height: int, width: int, grid: int) -> Tensor:
+    return grad.new_empty(grad.shape[0], height, width, grad.shape[2])
+
+
+def _setup_context(ctx, inputs, output):
+    x, grid = inputs
+    ctx.grid, ctx.height, ctx.width = grid, x.shape[1], x.shape[2]
+
+
+def _register(forward_op, backward_op) -> None:
+    """Fake implementations and the autograd formula of one forward/backward op pair.
+
+    Adjoint: out[b, bin, c] = sum over the bin's cells of x / count, so
+    dx[b, h, w, c] = grad[b, bin(h, w), c] / count(bin(h, w)), computed by the backward op.
+    """
+    torch.library.register_fake(forward_op)(_fake_forward)
+    torch.library.register_fake(backward_op)(_fake_backward)
+
+    def backward(ctx, grad):
+        return backward_op(grad, ctx.height, ctx.width, ctx.grid), None
+
+    torch.library.register_autograd(forward_op, backward, setup_context=_setup_context)
+
+
+_register(grid_pool_triton, grid_pool_triton_backward)
+if _ext.LOADED:
+    _register(torch.ops.lifeiqa_fast.grid_pool.default, torch.ops.lifeiqa_fast.grid_pool_backward.default)

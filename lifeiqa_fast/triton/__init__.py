@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op family. Importable without Triton (the kernels are then absent)."""

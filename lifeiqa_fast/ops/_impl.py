@@ -125,6 +125,12 @@ def choose(op: str, device_type: str, impl: str | None = None) -> tuple[str, str
     return "reference", "; ".join(reasons)
 
 
+@torch.compiler.assume_constant_result
+def _chosen(op: str, device_type: str, impl: str | None) -> str:
+    # A constant to torch.compile: the choice is made once, at trace time, not traced through.
+    return choose(op, device_type, impl)[0]
+
+
 def resolve(op: str, x: torch.Tensor, impl: str | None) -> str:
     """The implementation that runs `op` on x's device."""
-    return choose(op, x.device.type, impl)[0]
+    return _chosen(op, x.device.type, impl)

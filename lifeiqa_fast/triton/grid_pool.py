@@ -12,7 +12,7 @@ try:
 except ImportError:  # the package imports without Triton; ops report impl="triton" as unavailable
     triton = None
 
-BLOCK_C = 128  # channels per program: one 512-byte fp32 row segment
+MAX_BLOCK_C = 512  # channels per program: all of a Life-IQA stage-3 cell (512 channels) at once
 
 if triton is not None:
 
@@ -47,19 +47,24 @@ if triton is not None:
     @triton.jit
     def _grid_pool_bwd_kernel(grad_ptr, dx_ptr, H, W, C, G, gB, gP, gC,
                               BLOCK: tl.constexpr, ACC: tl.constexpr):
-        cell = tl.program_id(0).to(tl.int64)  # (image, row, column) of dx
+        row = tl.program_id(0).to(tl.int64)  # (image, row) of dx
         cs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        w = cell % W
-        h = (cell // W) % H
-        b = cell // (W * H)
+        h = row % H
+        b = row // H
         # bin of h: the guess h * G // H is at most one bin low (csrc/grid_pool.h, bin_of)
         i = h * G // H
         i = tl.where((i + 1 < G) & (_bin_edge(i + 1, H, G) <= h), i + 1, i)
-        j = w * G // W
-        j = tl.where((j + 1 < G) & (_bin_edge(j + 1, W, G) <= w), j + 1, j)
-        count = ((_bin_edge(i + 1, H, G) - _bin_edge(i, H, G)) * (_bin_edge(j + 1, W, G) - _bin_edge(j, W, G))).to(ACC)
-        g = tl.load(grad_ptr + b * gB + (i * G + j) * gP + cs * gC, mask=cs < C, other=0.0).to(ACC)
-        tl.store(dx_ptr + cell * C + cs, (g / count).to(dx_ptr.dtype.element_ty), mask=cs < C)
+        height = _bin_edge(i + 1, H, G) - _bin_edge(i, H, G)
+        for w in range(0, W):
+            j = w * G // W
+            j = tl.where((j + 1 < G) & (_bin_edge(j + 1, W, G) <= w), j + 1, j)
+            count = (height * (_bin_edge(j + 1, W, G) - _bin_edge(j, W, G))).to(ACC)
+            g = tl.load(grad_ptr + b * gB + (i * G + j) * gP + cs * gC, mask=cs < C, other=0.0).to(ACC)
+            tl.store(dx_ptr + (row * W + w) * C + cs, (g / count).to(dx_ptr.dtype.element_ty), mask=cs < C)
+
+
+def _block(channels: int) -> int:
+    return min(MAX_BLOCK_C, triton.next_power_of_2(channels))
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -71,8 +76,9 @@ def grid_pool_forward(x: torch.Tensor, grid: int) -> torch.Tensor:
     B, H, W, C = x.shape
     out = torch.empty(B, grid * grid, C, dtype=x.dtype, device=x.device)
     if out.numel():
-        launch = (B * grid * grid, triton.cdiv(C, BLOCK_C))
-        _grid_pool_fwd_kernel[launch](x, out, H, W, C, grid, *x.stride(), BLOCK=BLOCK_C, ACC=_acc_dtype(x.dtype))
+        block = _block(C)
+        launch = (B * grid * grid, triton.cdiv(C, block))
+        _grid_pool_fwd_kernel[launch](x, out, H, W, C, grid, *x.stride(), BLOCK=block, ACC=_acc_dtype(x.dtype))
     return out
 
 
@@ -81,7 +87,8 @@ def grid_pool_backward(grad: torch.Tensor, height: int, width: int, grid: int) -
     B, _, C = grad.shape
     dx = torch.empty(B, height, width, C, dtype=grad.dtype, device=grad.device)
     if dx.numel():
-        launch = (B * height * width, triton.cdiv(C, BLOCK_C))
-        _grid_pool_bwd_kernel[launch](grad, dx, height, width, C, grid, *grad.stride(), BLOCK=BLOCK_C,
+        block = _block(C)
+        launch = (B * height, triton.cdiv(C, block))
+        _grid_pool_bwd_kernel[launch](grad, dx, height, width, C, grid, *grad.stride(), BLOCK=block,
                                       ACC=_acc_dtype(grad.dtype))
     return dx

@@ -1,0 +1,58 @@
+"""Shared test helpers: which (device, impl) pairs exist here, and comparison against the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lifeiqa_fast.ops._impl import _why_not
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def impl_params(op: str) -> list:
+    """pytest params "impl-device" for every implementation of op on every device present.
+
+    Reference always; native and Triton where they can run (on CUDA whether or not validated: these
+    tests are what validates them). An implementation that cannot run here is skipped with its reason.
+    """
+    params = []
+    for device in devices():
+        for impl in ("reference", "native", "triton"):
+            why = _why_not(op, impl, device)
+            marks = [pytest.mark.cuda] if device == "cuda" else []
+            if why is not None:
+                marks.append(pytest.mark.skip(reason=why))
+            params.append(pytest.param((impl, device), id=f"{impl}-{device}", marks=marks))
+    return params
+
+
+def dtypes_for(impl: str, device: str) -> list[torch.dtype]:
+    """fp32 and bf16 everywhere; fp16 on CUDA and Triton (CPU half kernels are not a target)."""
+    low = [torch.bfloat16] + ([torch.float16] if device == "cuda" or impl == "triton" else [])
+    return [torch.float32, *low]
+
+
+def assert_matches_reference(actual, reference_lowp, truth, tol, what: str) -> None:
+    """Compare a kernel's result with the reference's.
+
+    actual: the kernel's output in the test dtype; reference_lowp: the reference computed in that same
+    dtype; truth: the reference computed in float64 from the same inputs. tol = (atol, rtol, slack):
+    the kernel must be within atol + rtol * |truth| of truth, or, in low precision, no further from
+    truth than slack times the reference's own error in that precision.
+    """
+    atol, rtol, slack = tol
+    assert actual.shape == truth.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
+    assert actual.dtype == reference_lowp.dtype, f"{what}: dtype {actual.dtype} != {reference_lowp.dtype}"
+    if truth.numel() == 0:
+        return
+    err = (actual.double() - truth).abs()
+    bound = atol + rtol * truth.abs()
+    if bool((err <= bound).all()):
+        return
+    ref_err = (reference_lowp.double() - truth).abs().max().item()
+    assert err.max().item() <= slack * ref_err + atol, (
+        f"{what}: max error {err.max().item():.3g} vs truth exceeds atol {atol} + rtol {rtol} and "
+        f"{slack} x the reference's own error {ref_err:.3g}"
+    )

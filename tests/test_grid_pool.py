@@ -1,0 +1,164 @@
+import sys
+
+import pytest
+import torch
+
+from lifeiqa_fast import ops
+from lifeiqa_fast.ops import _impl
+from lifeiqa_fast.reference import grid_pool_ref
+
+from helpers import assert_matches_reference, dtypes_for, impl_params
+
+# (atol, rtol, slack) per dtype, forward and backward. A bin mean is a short fp32 sum rounded once:
+# fp32 differs from the float64 truth by summation order only; in bf16/fp16 the kernels round once
+# where the reference (sum, round, divide, round) rounds twice, so they must be no worse than it.
+TOLERANCE = {
+    torch.float32: {"forward": (1e-6, 1e-6, 1.0), "backward": (1e-7, 1e-6, 1.0)},
+    torch.bfloat16: {"forward": (1e-3, 4e-3, 1.0), "backward": (1e-4, 4e-3, 1.0)},
+    torch.float16: {"forward": (1e-4, 5e-4, 1.0), "backward": (1e-5, 5e-4, 1.0)},
+}
+# Triton's CPU interpreter converts to bf16/fp16 by truncation, where GPUs round to nearest: up to
+# one ulp (2^-7 relative in bf16, 2^-10 in fp16) instead of half of one.
+INTERPRETER_TOLERANCE = {
+    torch.bfloat16: {"forward": (1e-3, 2**-7, 1.0), "backward": (1e-4, 2**-7, 1.0)},
+    torch.float16: {"forward": (1e-4, 2**-10, 1.0), "backward": (1e-5, 2**-10, 1.0)},
+}
+
+# (B, H, W, C, grid)
+CASES = [
+    pytest.param((2, 14, 14, 512, 7), id="life-iqa-14x14"),  # the stage-3 map at 224: a 2x2 average pool
+    pytest.param((1, 7, 7, 64, 7), id="one-image-7x7"),  # one cell per bin
+    pytest.param((3, 15, 13, 40, 7), id="uneven-15x13"),  # bins of 2 and 3 rows; C below one channel block
+    pytest.param((2, 9, 8, 130, 7), id="tail-channels"),  # C just past one 128-channel block
+    pytest.param((2, 5, 6, 3, 1), id="grid-1x1"),  # one bin: the global mean
+    pytest.param((0, 14, 14, 8, 7), id="empty-batch"),
+]
+
+
+def _input(shape, dtype, device, layout="nhwc", seed=0):
+    B, H, W, C, _ = shape
+    x = torch.randn(B, H, W, C, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x = x if layout == "nhwc" else x.permute(0, 3, 1, 2).contiguous()
+    return x.to(device=device, dtype=dtype)
+
+
+def _nchw(x, layout):
+    return x.permute(0, 3, 1, 2) if layout == "nhwc" else x
+
+
+@pytest.mark.parametrize("impl_device", impl_params("grid_pool"))
+@pytest.mark.parametrize("shape", CASES)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])  # nchw: a non-contiguous NHWC view reaches the kernels
+def test_matches_reference(impl_device, shape, layout):
+    impl, device = impl_device
+    grid = shape[-1]
+    for dtype in dtypes_for(impl, device):
+        x = _input(shape, dtype, device, layout).requires_grad_()
+        out = ops.grid_pool(x, grid, layout=layout, impl=impl)
+        x64 = x.detach().double().requires_grad_()
+        truth = grid_pool_ref(_nchw(x64, layout), grid)
+        ref = grid_pool_ref(_nchw(x.detach(), layout), grid)
+        interpreted = impl == "triton" and device == "cpu"
+        tol = INTERPRETER_TOLERANCE[dtype] if interpreted and dtype in INTERPRETER_TOLERANCE else TOLERANCE[dtype]
+        assert_matches_reference(out, ref, truth, tol["forward"], f"{impl} {device} {dtype} forward")
+
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        (dx,) = torch.autograd.grad(out, x, dout.to(device=device, dtype=dtype))
+        (dx_truth,) = torch.autograd.grad(truth, x64, dout.to(device))
+        x_ref = x.detach().clone().requires_grad_()
+        (dx_ref,) = torch.autograd.grad(grid_pool_ref(_nchw(x_ref, layout), grid), x_ref,
+                                        dout.to(device=device, dtype=dtype))
+        assert_matches_reference(dx, dx_ref, dx_truth, tol["backward"], f"{impl} {device} {dtype} backward")
+
+
+@pytest.mark.parametrize("impl_device", [p for p in impl_params("grid_pool") if "reference" not in p.id])
+def test_bin_edges_match_linspace(impl_device):
+    """Every map size from 7 to 40: the kernels' bin edges are those of torch.linspace(dtype=int)."""
+    impl, device = impl_device
+    sizes = range(7, 41) if impl == "native" else (7, 8, 13, 20, 29, 40)  # the interpreter is slow
+    for h in sizes:
+        x = torch.randn(1, h, h + 3, 2, dtype=torch.float64, device=device)
+        torch.testing.assert_close(ops.grid_pool(x, 7, impl=impl), grid_pool_ref(x.permute(0, 3, 1, 2), 7),
+                                   rtol=1e-12, atol=1e-12, msg=f"H={h}, W={h + 3}")
+
+
+def test_sliced_input_strides():
+    """A channel-strided NHWC view (every other channel) is read in place, not copied wrong."""
+    x = torch.randn(2, 14, 14, 64)[..., ::2]
+    torch.testing.assert_close(ops.grid_pool(x, 7), grid_pool_ref(x.permute(0, 3, 1, 2), 7))
+
+
+@pytest.mark.parametrize("impl_device", [p for p in impl_params("grid_pool") if "reference" not in p.id])
+def test_gradcheck_float64(impl_device):
+    impl, device = impl_device
+    x = torch.randn(2, 4, 3, 2, dtype=torch.float64, device=device, requires_grad=True)  # W=3: bins of 1 and 2 cells
+    assert torch.autograd.gradcheck(lambda t: ops.grid_pool(t, 2, impl=impl), (x,))
+
+
+@pytest.mark.parametrize("impl_device", [p for p in impl_params("grid_pool") if "reference" not in p.id])
+def test_opcheck(impl_device):
+    impl, device = impl_device
+    if impl == "native":
+        forward, backward = torch.ops.lifeiqa_fast.grid_pool.default, torch.ops.lifeiqa_fast.grid_pool_backward.default
+    else:
+        forward, backward = torch.ops.lifeiqa_fast.grid_pool_triton.default, torch.ops.lifeiqa_fast.grid_pool_triton_backward.default
+    x = torch.randn(2, 9, 8, 5, device=device, requires_grad=True)
+    torch.library.opcheck(forward, (x, 7))
+    torch.library.opcheck(backward, (torch.randn(2, 49, 5, device=device), 9, 8, 7))
+
+
+def test_compiles_fullgraph():
+    fn = torch.compile(lambda t: ops.grid_pool(t, 7), fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 14, 14, 16)
+    torch.testing.assert_close(fn(x), ops.grid_pool(x, 7))
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: ops.grid_pool(torch.randn(2, 14, 14)), ValueError, r"x must have shape \(B, H, W, C\), got \(2, 14, 14\)"),
+        (lambda: ops.grid_pool(torch.randn(1, 4, 6, 14), layout="nchw"), ValueError, "H >= grid and W >= grid"),
+        (lambda: ops.grid_pool(torch.randn(1, 6, 14, 4)), ValueError, "got H=6, W=14, grid=7"),
+        (lambda: ops.grid_pool(torch.ones(1, 14, 14, 4, dtype=torch.int32)), TypeError, "floating tensor"),
+        (lambda: ops.grid_pool(torch.randn(1, 14, 14, 4), grid=0), ValueError, "grid must be a positive int"),
+        (lambda: ops.grid_pool(torch.randn(1, 14, 14, 4), layout="hwc"), ValueError, "layout must be one of"),
+        (lambda: ops.grid_pool(torch.randn(1, 14, 14, 4), impl="fast"), ValueError, "impl must be one of"),
+        (lambda: ops.grid_pool([[1.0]]), TypeError, "x must be a torch.Tensor"),
+    ],
+    ids=["3-d", "nchw-too-small", "nhwc-too-small", "int-dtype", "grid-0", "bad-layout", "bad-impl", "not-a-tensor"],
+)
+def test_bad_input_errors(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_native_op_checks_its_contract():
+    """Direct torch.ops callers get the C++ checks, naming the op and the argument."""
+    if not _impl._why_not("grid_pool", "native", "cpu") is None:
+        pytest.skip("native CPU kernel not built")
+    with pytest.raises(RuntimeError, match="lifeiqa_fast.grid_pool: x must have H >= grid"):
+        torch.ops.lifeiqa_fast.grid_pool(torch.randn(1, 3, 14, 2), 7)
+    with pytest.raises(RuntimeError, match="grad must have shape"):
+        torch.ops.lifeiqa_fast.grid_pool_backward(torch.randn(1, 48, 2), 14, 14, 7)
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _impl.choose.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            ops.grid_pool(torch.randn(1, 14, 14, 4), impl="triton")
+    finally:
+        _impl.choose.cache_clear()
+
+
+def test_default_impl_applies(monkeypatch):
+    calls = []
+    module = sys.modules["lifeiqa_fast.ops.grid_pool"]
+    monkeypatch.setattr(module, "grid_pool_ref", lambda x, g: calls.append(g) or grid_pool_ref(x, g))
+    ops.set_default_impl("reference")
+    try:
+        ops.grid_pool(torch.randn(1, 14, 14, 4))
+    finally:
+        ops.set_default_impl("auto")
+    assert calls == [7]

@@ -5,8 +5,10 @@ everything the authors' way (lifeiqa_fast.reference).
 """
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
@@ -132,17 +134,18 @@ class MLP(nn.Module):
         return self.net(x), zero, zero
 
 
-def _create_backbone(name: str, pretrained) -> nn.Module:
+def _create_backbone(name: str, pretrained, kwargs: dict) -> nn.Module:
     import timm
 
     if pretrained is True:
-        return timm.create_model(f"{name}.ms_in22k_ft_in1k" if "." not in name else name, pretrained=True)
-    if pretrained in (False, None):
-        return timm.create_model(name, pretrained=False)
+        tag = name if "." in name else f"{name}.ms_in22k_ft_in1k"
+        return timm.create_model(tag, pretrained=True, **kwargs)
+    if pretrained is False or pretrained is None:
+        return timm.create_model(name, pretrained=False, **kwargs)
     path = os.fspath(pretrained)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"lifeiqa_fast.LifeIQA: pretrained backbone weights not found: {path}")
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)
 
 
 class LifeIQA(nn.Module):
@@ -157,6 +160,7 @@ class LifeIQA(nn.Module):
             or a path to local backbone weights (a timm, safetensors or torch file).
         impl: implementation of the head ops: "auto", "reference", "native", "triton", or None for
             the process-wide default.
+        backbone_kwargs: extra arguments for timm.create_model (e.g. a smaller Swin for experiments).
 
     forward(x (B, 3, H, W), ImageNet-normalised) returns (score (B, 1), aux (), z ()); the state dict
     has exactly the authors' keys, so official checkpoints load strictly.
@@ -173,6 +177,7 @@ class LifeIQA(nn.Module):
         backbone: str = "swin_base_patch4_window7_224",
         pretrained=False,
         impl: str | None = "auto",
+        backbone_kwargs: dict | None = None,
     ):
         super().__init__()
         if impl is not None:
@@ -184,12 +189,13 @@ class LifeIQA(nn.Module):
             raise ValueError(f"lifeiqa_fast.LifeIQA: embed_dim must be divisible by num_heads and 4, "
                              f"got embed_dim={embed_dim}, num_heads={num_heads}")
         self.config = dict(num_experts=num_experts, top_k=top_k, depth=depth, num_queries=num_queries,
-                           embed_dim=embed_dim, num_heads=num_heads, backbone=backbone)
+                           embed_dim=embed_dim, num_heads=num_heads, backbone=backbone,
+                           backbone_kwargs=dict(backbone_kwargs or {}))
         self.bunch_embedding = nn.Parameter(torch.zeros(1, num_queries, embed_dim))
         nn.init.trunc_normal_(self.bunch_embedding, std=0.02)
         self.gamma = nn.Parameter(torch.tensor(0.1))
 
-        self.pretrain_model = _create_backbone(backbone, pretrained)
+        self.pretrain_model = _create_backbone(backbone, pretrained, self.config["backbone_kwargs"])
         if not (hasattr(self.pretrain_model, "patch_embed") and len(getattr(self.pretrain_model, "layers", [])) == 4):
             raise ValueError(f"lifeiqa_fast.LifeIQA: backbone must be a timm Swin transformer with 4 stages, "
                              f"got {backbone!r}")
@@ -253,25 +259,28 @@ class LifeIQA(nn.Module):
         self.UPP_layer3.impl = value
 
 
-class _Opaque(dict):
-    """Stands in for a class pickled beside the weights (the authors' yacs config, numpy scalars): it
-    keeps what was pickled and runs none of that class's code, so weights_only loading stays safe."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__()
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
+def _stand_in(name: str):
+    """What an unsafe global of a checkpoint unpickles as: numpy scalars and dtypes (a saved max_plcc)
+    as themselves (data only); anything else, such as the authors' yacs config, as a plain mapping, so
+    none of its code runs."""
+    if name.startswith("numpy."):
+        module, _, attr = name.rpartition(".")
+        return getattr(importlib.import_module(module), attr)
+    return OrderedDict
 
 
 def _load_weights_only(path, map_location):
-    """torch.load(weights_only=True), with any non-tensor class in the file replaced by _Opaque."""
+    """torch.load(weights_only=True), the non-tensor objects saved beside the weights read as data."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        with torch.serialization.safe_globals([(_Opaque, name) for name in unsafe]):
+        allowed = [(_stand_in(name), name) for name in unsafe]
+        if any(name.startswith("numpy.") for name in unsafe):  # a numpy dtype is rebuilt as its DType class
+            import numpy as np
+
+            allowed += [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
 
 

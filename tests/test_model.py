@@ -1,0 +1,178 @@
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import lifeiqa_fast
+
+# A small Swin (stage maps 14x14x128 and 7x7x256 at 224) so that model tests run in seconds.
+TINY = dict(backbone="swin_tiny_patch4_window7_224",
+            backbone_kwargs=dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)))
+
+
+def tiny(**kwargs):
+    torch.manual_seed(0)
+    return lifeiqa_fast.LifeIQA(**TINY, **kwargs)
+
+
+def _images(batch=2, seed=0):
+    return torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+
+
+def test_forward_is_features_then_head():
+    model = tiny().eval()
+    x = _images()
+    f3, f4 = model.forward_features(x)
+    assert f3.shape == (2, 14, 14, 128) and f4.shape == (2, 7, 7, 256)  # NHWC, as timm emits them
+    score, aux, z = model(x)
+    assert score.shape == (2, 1) and aux.shape == () and z.shape == ()
+    torch.testing.assert_close(model.forward_head(f3, f4), (score, aux, z))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(num_experts=1),  # the plain GELU MLP head
+        dict(num_experts=2, top_k=2, depth=2),  # k == E
+        dict(num_experts=4, top_k=1),
+        dict(num_experts=8, top_k=2),
+    ],
+    ids=["E1", "E2-k2-d2", "E4-k1", "E8-k2"],
+)
+def test_fused_model_equals_reference(config):
+    reference = tiny(impl="reference", **config).eval()
+    fused = tiny(impl="auto", **config).eval()
+    fused.load_state_dict(reference.state_dict())
+    x = _images(3)
+    outputs = []
+    for model in (reference, fused):
+        score, aux, z = model(x)
+        (score.sum() + 0.01 * aux + 0.001 * z).backward()
+        outputs.append((score, aux, z, {k: p.grad for k, p in model.named_parameters() if p.grad is not None}))
+    (s0, a0, z0, g0), (s1, a1, z1, g1) = outputs
+    torch.testing.assert_close(s1, s0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close((a1, z1), (a0, z0), atol=1e-5, rtol=1e-5)
+    assert g1.keys() == g0.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_single_expert_variant():
+    model = tiny(num_experts=1)
+    keys = {k for k in model.state_dict() if k.startswith("MOE.")}
+    assert keys == {"MOE.net.0.weight", "MOE.net.0.bias", "MOE.net.2.weight", "MOE.net.2.bias"}
+    _, aux, z = model.eval()(_images(1))
+    assert aux.item() == 0 and z.item() == 0
+
+
+def test_official_initialisation():
+    model = tiny()
+    assert model.gamma.item() == pytest.approx(0.1)
+    assert 0.01 < model.bunch_embedding.std().item() < 0.03
+    layer = model.bunch_decoder.layers[0]
+    assert torch.all(layer.GCN.gcn1.bias == 0) and torch.all(layer.multihead_attn.in_proj_bias == 0)
+    assert torch.all(layer.multihead_attn.out_proj.bias == 0)
+    assert layer.GCN.gcn1.weight.shape == (384, 192)  # stored (in, out)
+    adj = model.bunch_decoder.adj
+    torch.testing.assert_close(adj, (torch.ones(6, 6) + torch.eye(6)) / 7)  # 2/7 diagonal, 1/7 elsewhere
+    assert "bunch_decoder.adj" not in model.state_dict()
+
+
+def test_training_mode_runs_and_backpropagates():
+    model = tiny().train()
+    score, aux, z = model(_images())
+    (score.sum() + 0.01 * aux + 0.001 * z).backward()
+    assert torch.isfinite(score).all()
+    assert model.MOE.router.linear.weight.grad is not None and model.gamma.grad is not None
+
+
+def test_bad_image_batch():
+    with pytest.raises(ValueError, match=r"shape \(B, 3, H, W\), got \(1, 1, 224, 224\)"):
+        tiny()(torch.randn(1, 1, 224, 224))
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="top_k must be in"):
+        tiny(num_experts=2, top_k=3)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        tiny(impl="cuda")
+
+
+def _official_checkpoint(model, path):
+    """Save like the authors' code: the yacs config object and a numpy max_plcc beside the weights."""
+    yacs = types.ModuleType("yacs")
+    yacs.config = types.ModuleType("yacs.config")
+
+    class CfgNode(dict):
+        pass
+
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    yacs.config.CfgNode = CfgNode
+    sys.modules.update({"yacs": yacs, "yacs.config": yacs.config})
+    try:
+        config = CfgNode(MODEL=CfgNode(NUM_EXPERTS=4))
+        torch.save({"model": model.state_dict(), "optimizer": {"state": {}}, "lr_scheduler": {},
+                    "max_plcc": np.float64(0.93), "epoch": 3, "config": config}, path)
+    finally:
+        del sys.modules["yacs"], sys.modules["yacs.config"]  # loading must not need the authors' packages
+
+
+def test_load_official_checkpoint_file(tmp_path):
+    model = tiny(num_experts=4, top_k=1, depth=2)
+    path = tmp_path / "ckpt_epoch_3.pth"
+    _official_checkpoint(model, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)  # the file really holds non-tensor classes
+    loaded = lifeiqa_fast.load_checkpoint(path, top_k=1, **TINY)
+    assert (loaded.config["num_experts"], loaded.config["depth"]) == (4, 2)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
+
+
+def test_load_bare_state_dict_file(tmp_path):
+    model = tiny(num_experts=2, top_k=2)
+    torch.save(model.state_dict(), tmp_path / "weights.pth")
+    loaded = lifeiqa_fast.load_checkpoint(tmp_path / "weights.pth", **TINY)
+    x = _images(1)
+    torch.testing.assert_close(loaded.eval()(x)[0], model.eval()(x)[0])
+
+
+def test_load_checkpoint_mismatch_lists_keys():
+    state = tiny(num_experts=2).state_dict()
+    del state["fc.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing keys \(1\): \['fc.bias'\][\s\S]*unexpected keys \(1\): \['extra.weight'\]"):
+        lifeiqa_fast.load_checkpoint(state, **TINY)
+
+
+def test_load_checkpoint_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        lifeiqa_fast.load_checkpoint(tmp_path / "missing.pth")
+    (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read .*corrupt.pth"):
+        lifeiqa_fast.load_checkpoint(tmp_path / "corrupt.pth")
+    with pytest.raises(ValueError, match="not a Life-IQA state dict"):
+        lifeiqa_fast.load_checkpoint({"model": {"weight": torch.zeros(1)}})
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_local_pretrained_backbone(tmp_path, suffix):
+    import timm
+
+    source = timm.create_model(TINY["backbone"], **TINY["backbone_kwargs"])
+    path = tmp_path / f"backbone{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(source.state_dict(), str(path))
+    else:
+        torch.save(source.state_dict(), path)
+    model = lifeiqa_fast.LifeIQA(**TINY, pretrained=path)
+    for key, value in source.state_dict().items():
+        if not key.startswith(("head", "norm")):
+            torch.testing.assert_close(model.pretrain_model.state_dict()[key], value, msg=key)
+    with pytest.raises(FileNotFoundError, match="pretrained backbone weights not found"):
+        lifeiqa_fast.LifeIQA(**TINY, pretrained=tmp_path / "nope.pth")

@@ -1,0 +1,93 @@
+"""The compiled extension, its absence, the choice of implementation and what info() reports."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lifeiqa_fast
+from lifeiqa_fast import _ext
+from lifeiqa_fast.ops import _impl
+
+NVCC_PRESENT = bool(shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc"))
+
+
+def test_extension_built_with_cpu_and_cuda():
+    assert _ext.LOADED, _ext.LOAD_ERROR
+    assert _ext.has_kernel("grid_pool", "cpu")
+    if NVCC_PRESENT and os.environ.get("LIFEIQA_FAST_NO_CUDA") != "1":
+        assert _ext.has_kernel("grid_pool", "cuda"), "nvcc is present but the CUDA kernels were not compiled"
+        assert lifeiqa_fast.info()["extension"]["backends"] == ["CPU", "CUDA"]
+
+
+def test_without_extension_reference_serves_and_warns_once():
+    code = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import lifeiqa_fast\n"
+        "    from lifeiqa_fast import ops\n"
+        "    out = ops.grid_pool(torch.randn(1, 14, 14, 4))\n"
+        "mine = [w for w in caught if 'lifeiqa_fast' in str(w.message)]\n"
+        "assert len(mine) == 1, [str(w.message) for w in mine]\n"
+        "assert 'LIFEIQA_FAST_DISABLE_EXT=1' in str(mine[0].message)\n"
+        "assert out.shape == (1, 49, 4)\n"
+        "assert lifeiqa_fast.info()['ops']['grid_pool']['auto']['cpu']['impl'] == 'reference'\n"
+        "try:\n"
+        "    ops.grid_pool(torch.randn(1, 14, 14, 4), impl='native')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'compiled extension is not loaded' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('impl=native ran without the extension')\n"
+    )
+    env = {**os.environ, "LIFEIQA_FAST_DISABLE_EXT": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def records(monkeypatch):
+    """Replace the GPU validation records; the choice cache is cleared around the test."""
+    def use(*recs):
+        monkeypatch.setattr(_impl, "_validation_records", lambda: tuple(recs))
+        _impl.choose.cache_clear()
+
+    yield use
+    _impl.choose.cache_clear()
+
+
+def test_auto_never_picks_unvalidated_gpu_kernels(records):
+    records()
+    impl, reason = _impl.choose("grid_pool", "cuda", "auto")
+    assert impl == "reference"
+    if _ext.has_kernel("grid_pool", "cuda"):
+        assert "CUDA kernel compiled but never validated on a GPU" in reason
+
+
+def test_auto_picks_validated_cuda_kernel(records):
+    if not _ext.has_kernel("grid_pool", "cuda"):
+        pytest.skip("CUDA kernels not compiled")
+    source = _impl.source_hash("grid_pool", "cuda")
+    records({"op": "grid_pool", "backend": "cuda", "source": "0" * 64, "gpu": "old", "date": "2026-01-01"})
+    assert _impl.choose("grid_pool", "cuda", "auto")[0] == "reference"  # validated at another source revision
+    records({"op": "grid_pool", "backend": "cuda", "source": source, "gpu": "NVIDIA H100", "date": "2026-11-27"})
+    assert _impl.choose("grid_pool", "cuda", "auto") == ("native", "cuda kernel validated on NVIDIA H100")
+
+
+def test_auto_on_cpu_is_native():
+    assert _impl.choose("grid_pool", "cpu", "auto") == ("native", "C++ CPU kernel")
+
+
+def test_info_reports_versions_backends_and_choices():
+    report = lifeiqa_fast.info()
+    assert report["versions"]["torch"] == torch.__version__
+    assert report["versions"]["lifeiqa_fast"] == lifeiqa_fast.__version__
+    assert report["extension"]["loaded"]
+    assert set(report["ops"]["grid_pool"]["auto"]) >= {"cpu"}
+    out = subprocess.run([sys.executable, "-m", "lifeiqa_fast.info"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "compiled extension _C: loaded, backends CPU" in out.stdout
+    assert "grid_pool" in out.stdout and "auto on cpu: native" in out.stdout
+    assert out.stderr == ""

@@ -72,13 +72,16 @@ with open(os.path.join(HERE, "lifeiqa_fast", "_build_info.json"), "w") as f:
         indent=1,
     )
 
-extra_compile_args = {"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]}
+# -fopenmp: at::parallel_for, compiled into _C, is parallel only when built with OpenMP (torch's own
+# libgomp serves it at run time).
+extra_compile_args = {"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3", "--use_fast_math"]}
 Extension = CUDAExtension if with_cuda else CppExtension
 ext = Extension(
     "lifeiqa_fast._C",
     cpp_sources + cuda_sources,
     include_dirs=[os.path.join(HERE, "csrc")],
     extra_compile_args=extra_compile_args if with_cuda else {"cxx": extra_compile_args["cxx"]},
+    extra_link_args=["-fopenmp"],
     py_limited_api=True,
 )
 

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -20,6 +21,17 @@ def _version(module: str) -> str | None:
         return __import__(module).__version__
     except ImportError:
         return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def info() -> dict:
@@ -55,7 +67,7 @@ def info() -> dict:
             "cuda_arch_list": _ext.BUILD_INFO.get("cuda_arch_list"),
         },
         "devices": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": f"{_cpu_model()}, {os.cpu_count()} cores",
             "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         },
         "ops": ops,

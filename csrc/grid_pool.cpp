@@ -8,6 +8,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "cpu.h"
 #include "grid_pool.h"
 
 namespace lifeiqa_fast {
@@ -16,18 +17,6 @@ namespace {
 // Channels summed in registers at once: two AVX2 (four SSE) vectors of fp32 accumulators, loaded
 // from each cell of the bin and stored once.
 constexpr int64_t kLanes = 16;
-// Elements one task of the thread pool should cover at least: below this, a round trip through
-// the pool costs more than the work it spreads (a batch-1 Life-IQA map is ~100k elements).
-constexpr int64_t kMinElementsPerTask = 32768;
-
-// The inner loops are compiled twice, for AVX2 and for the baseline x86-64 ISA, and picked at load
-// time by the CPU (GCC/Clang function multi-versioning), so one build is fast and portable.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define LIFEIQA_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define LIFEIQA_CPU_CLONES
-#endif
-
 // out[c] = mean over cells (h, w) in [h0, h1) x [w0, w1) of x[h * sH + w * sW + c * sC], c < C.
 template <typename scalar_t>
 LIFEIQA_CPU_CLONES void bin_mean(const scalar_t* __restrict__ x, int64_t sH, int64_t sW, int64_t sC, int64_t h0,

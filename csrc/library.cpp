@@ -10,4 +10,10 @@ TORCH_LIBRARY(lifeiqa_fast, m) {
   // grad: (B, grid * grid, C). Returns (B, height, width, C): each bin's gradient spread evenly
   // over the cells of that bin.
   m.def("grid_pool_backward(Tensor grad, int height, int width, int grid) -> Tensor");
+  // x: (B, N, D); adj: (N, N), (B, N, N), or None for the fixed graph (J + I) / (N + 1); weights
+  // stored (in, out): w1 (D, H1), w2 (H1, H2), w3 (H2, D); biases 1-D. Returns
+  // (x + A (h2 w3) + b3, h1, h2) with h1 = relu(A (x w1) + b1), h2 = relu(A (h1 w2) + b2), the
+  // activations being what the backward needs.
+  m.def("gcn(Tensor x, Tensor? adj, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3)"
+        " -> (Tensor, Tensor, Tensor)");
 }

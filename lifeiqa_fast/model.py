@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
-from .ops import grid_pool
+from .ops import gcn, grid_pool
 from .ops._impl import _check_impl
 
 
@@ -53,18 +53,24 @@ class GcnModel(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """x = x + GCN(A, x); x = x + MHA(norm2(x), m, m). No self-attention, no FFN, dropout 0."""
+    """x = x + GCN(A, x); x = x + MHA(norm2(x), m, m). No self-attention, no FFN, dropout 0.
 
-    def __init__(self, dim: int, num_heads: int):
+    A is the fixed graph (J + I) / (N + 1) (not a parameter, not saved), or with learnable=True the
+    paper's variant: a parameter `adj` (N, N) initialised to that matrix.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_queries: int, learnable: bool = False, impl: str | None = None):
         super().__init__()
         self.multihead_attn = nn.MultiheadAttention(dim, num_heads, dropout=0.0, batch_first=True)
         self.GCN = GcnModel(dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.adj = nn.Parameter(reference.fixed_adjacency(num_queries)) if learnable else None
+        self.impl = impl
 
-    def forward(self, x: Tensor, memory: Tensor, adj: Tensor) -> Tensor:
+    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
         g = self.GCN
-        x = reference.gcn_ref(x, adj, g.gcn1.weight, g.gcn1.bias, g.gcn2.weight, g.gcn2.bias, g.gcn3.weight,
-                              g.gcn3.bias)
+        x = gcn(x, self.adj, g.gcn1.weight, g.gcn1.bias, g.gcn2.weight, g.gcn2.bias, g.gcn3.weight, g.gcn3.bias,
+                impl=self.impl)
         attn = self.multihead_attn
         return reference.cross_attention_ref(
             x, memory, self.norm2.weight, self.norm2.bias, attn.in_proj_weight, attn.in_proj_bias,
@@ -73,17 +79,15 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """L decoder layers over the N query tokens, sharing the fixed graph A (a buffer, not saved)."""
+    """L decoder layers over the N query tokens."""
 
-    def __init__(self, depth: int, dim: int, num_heads: int, num_queries: int):
+    def __init__(self, depth: int, dim: int, num_heads: int, num_queries: int, learnable: bool, impl: str | None):
         super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(dim, num_heads) for _ in range(depth))
-        self.register_buffer("adj", reference.fixed_adjacency(num_queries), persistent=False)
+        self.layers = nn.ModuleList(DecoderLayer(dim, num_heads, num_queries, learnable, impl) for _ in range(depth))
 
     def forward(self, x: Tensor, memory: Tensor) -> Tensor:
-        adj = self.adj.to(x.dtype)
         for layer in self.layers:
-            x = layer(x, memory, adj)
+            x = layer(x, memory)
         return x
 
 
@@ -160,6 +164,9 @@ class LifeIQA(nn.Module):
             or a path to local backbone weights (a timm, safetensors or torch file).
         impl: implementation of the head ops: "auto", "reference", "native", "triton", or None for
             the process-wide default.
+        adjacency: "fixed" (the authors' code: the graph (J + I) / (N + 1), not in the state dict) or
+            "learnable" (the paper: a per-layer (N, N) parameter `bunch_decoder.layers.{l}.adj`
+            initialised to that matrix).
         backbone_kwargs: extra arguments for timm.create_model (e.g. a smaller Swin for experiments).
 
     forward(x (B, 3, H, W), ImageNet-normalised) returns (score (B, 1), aux (), z ()); the state dict
@@ -178,6 +185,7 @@ class LifeIQA(nn.Module):
         pretrained=False,
         impl: str | None = "auto",
         backbone_kwargs: dict | None = None,
+        adjacency: str = "fixed",
     ):
         super().__init__()
         if impl is not None:
@@ -188,9 +196,11 @@ class LifeIQA(nn.Module):
         if embed_dim % num_heads or embed_dim % 4:
             raise ValueError(f"lifeiqa_fast.LifeIQA: embed_dim must be divisible by num_heads and 4, "
                              f"got embed_dim={embed_dim}, num_heads={num_heads}")
+        if adjacency not in ("fixed", "learnable"):
+            raise ValueError(f"lifeiqa_fast.LifeIQA: adjacency must be 'fixed' or 'learnable', got {adjacency!r}")
         self.config = dict(num_experts=num_experts, top_k=top_k, depth=depth, num_queries=num_queries,
                            embed_dim=embed_dim, num_heads=num_heads, backbone=backbone,
-                           backbone_kwargs=dict(backbone_kwargs or {}))
+                           backbone_kwargs=dict(backbone_kwargs or {}), adjacency=adjacency)
         self.bunch_embedding = nn.Parameter(torch.zeros(1, num_queries, embed_dim))
         nn.init.trunc_normal_(self.bunch_embedding, std=0.02)
         self.gamma = nn.Parameter(torch.tensor(0.1))
@@ -209,7 +219,7 @@ class LifeIQA(nn.Module):
         self.UPP_layer3 = GridPool(7, impl)
         self.proj_layer3 = nn.Linear(stage_channels[2], embed_dim)
         self.proj_layer4 = nn.Conv2d(stage_channels[3], embed_dim, kernel_size=1)
-        self.bunch_decoder = Decoder(depth, embed_dim, num_heads, num_queries)
+        self.bunch_decoder = Decoder(depth, embed_dim, num_heads, num_queries, adjacency == "learnable", impl)
         self.MOE = MLP(embed_dim) if num_experts == 1 else SparseMoE(embed_dim, num_experts, top_k)
         self.norm3 = nn.LayerNorm(embed_dim, eps=1e-5)
         self.dropout3 = nn.Dropout(0.1)
@@ -257,6 +267,8 @@ class LifeIQA(nn.Module):
             _check_impl(value)
         self._impl = value
         self.UPP_layer3.impl = value
+        for layer in self.bunch_decoder.layers:
+            layer.impl = value
 
 
 def _stand_in(name: str):
@@ -290,7 +302,8 @@ def _infer_config(state_dict: Mapping[str, Tensor]) -> dict:
     if not layers or "bunch_embedding" not in state_dict:
         raise ValueError("lifeiqa_fast.load_checkpoint: not a Life-IQA state dict (no bunch_embedding or "
                          "bunch_decoder.layers.* keys)")
-    cfg = dict(depth=max(layers) + 1, num_experts=max(experts) + 1 if experts else 1)
+    cfg = dict(depth=max(layers) + 1, num_experts=max(experts) + 1 if experts else 1,
+               adjacency="learnable" if "bunch_decoder.layers.0.adj" in state_dict else "fixed")
     _, cfg["num_queries"], cfg["embed_dim"] = state_dict["bunch_embedding"].shape
     return cfg
 

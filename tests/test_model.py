@@ -39,8 +39,9 @@ def test_forward_is_features_then_head():
         dict(num_experts=2, top_k=2, depth=2),  # k == E
         dict(num_experts=4, top_k=1),
         dict(num_experts=8, top_k=2),
+        dict(num_experts=2, adjacency="learnable"),
     ],
-    ids=["E1", "E2-k2-d2", "E4-k1", "E8-k2"],
+    ids=["E1", "E2-k2-d2", "E4-k1", "E8-k2", "learnable-adjacency"],
 )
 def test_fused_model_equals_reference(config):
     reference = tiny(impl="reference", **config).eval()
@@ -76,9 +77,21 @@ def test_official_initialisation():
     assert torch.all(layer.GCN.gcn1.bias == 0) and torch.all(layer.multihead_attn.in_proj_bias == 0)
     assert torch.all(layer.multihead_attn.out_proj.bias == 0)
     assert layer.GCN.gcn1.weight.shape == (384, 192)  # stored (in, out)
-    adj = model.bunch_decoder.adj
-    torch.testing.assert_close(adj, (torch.ones(6, 6) + torch.eye(6)) / 7)  # 2/7 diagonal, 1/7 elsewhere
-    assert "bunch_decoder.adj" not in model.state_dict()
+    assert layer.adj is None and not any("adj" in k for k in model.state_dict())  # the fixed graph
+
+
+def test_learnable_adjacency():
+    model = tiny(adjacency="learnable", depth=2)
+    adj = model.bunch_decoder.layers[1].adj
+    torch.testing.assert_close(adj.detach(), (torch.ones(6, 6) + torch.eye(6)) / 7)  # 2/7 diagonal, 1/7 elsewhere
+    assert {"bunch_decoder.layers.0.adj", "bunch_decoder.layers.1.adj"} <= set(model.state_dict())
+    score, aux, z = model.eval()(_images(1))
+    (score.sum() + aux + z).backward()
+    assert adj.grad is not None and adj.grad.abs().sum() > 0
+    loaded = lifeiqa_fast.load_checkpoint(model.state_dict(), **TINY)
+    assert loaded.config["adjacency"] == "learnable"
+    with pytest.raises(ValueError, match="adjacency must be"):
+        tiny(adjacency="dense")
 
 
 def test_training_mode_runs_and_backpropagates():

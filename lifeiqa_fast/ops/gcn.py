@@ -1,0 +1,127 @@
+"""gcn: x + three graph convolutions over the N query tokens (SPEC step 4, first bullet), fused.
+
+Public function, the Triton op, fake implementations and the autograd formula. The schema of the
+native op lives in csrc/library.cpp, its kernels in csrc/gcn.cpp (CPU) and kernels/gcn.cu (CUDA), the
+Triton kernel in lifeiqa_fast/triton/gcn.py and the reference in lifeiqa_fast/reference.py (gcn_ref).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+from ..reference import fixed_adjacency, gcn_ref
+from ..triton import gcn as _triton
+from ._impl import resolve
+
+MAX_TOKENS = 32  # the kernels hold one accumulator per token (csrc/gcn.h, kGcnMaxTokens)
+
+
+def gcn(x: Tensor, adj: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
+        impl: str | None = None) -> Tensor:
+    """x + A(relu(A(relu(A(x w1) + b1) w2) + b2) w3) + b3, A multiplying over the token axis.
+
+    x: (B, N, D), 1 <= N <= 32; adj: None for the fixed official graph (J + I) / (N + 1) (computed in
+    closed form: A h = (h + sum over tokens of h) / (N + 1)), or a dense (N, N) graph shared by the
+    batch, or (B, N, N) per sample; weights stored (in, out) as in official checkpoints: w1 (D, H1),
+    w2 (H1, H2), w3 (H2, D); biases b1 (H1,), b2 (H2,), b3 (D,). All of x's dtype (float16, bfloat16,
+    float32, float64; accumulated in float32, float64 in float64) and device. Returns (B, N, D).
+    Differentiable in x, adj and all weights. impl: "auto", "reference", "native", "triton", or None
+    for the process-wide default.
+    """
+    _check(x, adj, w1, b1, w2, b2, w3, b3)
+    which = resolve("gcn", x, impl)
+    if which == "reference":
+        a = adj if adj is not None else fixed_adjacency(x.shape[1], x.dtype, x.device)
+        return gcn_ref(x, a, w1, b1, w2, b2, w3, b3)
+    op = torch.ops.lifeiqa_fast.gcn if which == "native" else gcn_triton
+    return op(x, adj, w1, b1, w2, b2, w3, b3)[0]
+
+
+def _check(x, adj, w1, b1, w2, b2, w3, b3) -> None:
+    tensors = dict(x=x, w1=w1, b1=b1, w2=w2, b2=b2, w3=w3, b3=b3, **({} if adj is None else dict(adj=adj)))
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"lifeiqa_fast.gcn: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"lifeiqa_fast.gcn: x must have shape (B, N, D), got {tuple(x.shape)}")
+    B, N, D = x.shape
+    if not 1 <= N <= MAX_TOKENS:
+        raise ValueError(f"lifeiqa_fast.gcn: x must have 1 <= N <= {MAX_TOKENS} tokens, got N={N}")
+    if not x.is_floating_point():
+        raise TypeError(f"lifeiqa_fast.gcn: x must be a floating tensor, got {x.dtype}")
+    H1 = w1.shape[1] if w1.dim() == 2 else -1
+    H2 = w2.shape[1] if w2.dim() == 2 else -1
+    expected = dict(w1=(D, H1), b1=(H1,), w2=(H1, H2), b2=(H2,), w3=(H2, D), b3=(D,))
+    names = dict(w1="(D, H1)", b1="(H1,)", w2="(H1, H2)", b2="(H2,)", w3="(H2, D)", b3="(D,)")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape or -1 in shape:
+            raise ValueError(f"lifeiqa_fast.gcn: {name} must have shape {names[name]} = {shape}, "
+                             f"got {tuple(tensors[name].shape)}")
+    if adj is not None and tuple(adj.shape) not in ((N, N), (B, N, N)):
+        raise ValueError(f"lifeiqa_fast.gcn: adj must be None or have shape (N, N) = {(N, N)} or (B, N, N) = "
+                         f"{(B, N, N)}, got {tuple(adj.shape)}")
+    for name, t in tensors.items():
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"lifeiqa_fast.gcn: {name} must have x's dtype and device ({x.dtype}, {x.device}), "
+                             f"got ({t.dtype}, {t.device})")
+
+
+@torch.library.custom_op("lifeiqa_fast::gcn_triton", mutates_args=())
+def gcn_triton(x: Tensor, adj: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor,
+               b3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The Triton kernel as an op, with the native op's schema: -> (out, h1, h2)."""
+    return _triton.gcn_forward(x, adj, w1, b1, w2, b2, w3, b3)
+
+
+def _fake(x, adj, w1, b1, w2, b2, w3, b3):
+    B, N, D = x.shape
+    return x.new_empty(B, N, D), x.new_empty(B, N, w1.shape[1]), x.new_empty(B, N, w2.shape[1])
+
+
+def _graph_t(adj: Tensor | None, h: Tensor) -> Tensor:
+    """A^T h over the token axis: h (B, N, C). The fixed graph is symmetric, in closed form."""
+    if adj is None:
+        return (h + h.sum(dim=1, keepdim=True)) / (h.shape[1] + 1)
+    return adj.transpose(-1, -2) @ h
+
+
+def _setup_context(ctx, inputs, output):
+    x, adj, w1, b1, w2, b2, w3, b3 = inputs
+    _, h1, h2 = output
+    ctx.mark_non_differentiable(h1, h2)
+    ctx.save_for_backward(x, adj, w1, w2, w3, h1, h2)
+    ctx.fixed = adj is None
+
+
+def _backward(ctx, grad, _grad_h1, _grad_h2):
+    """Adjoint of out = x + A s3 + b3, s3 = h2 w3, h2 = relu(A s2 + b2), s2 = h1 w2, h1 = relu(A s1 + b1),
+    s1 = x w1. With g3 = A^T dout: dw3 = h2^T g3, dh2 = g3 w3^T; dp2 = dh2 [h2 > 0], g2 = A^T dp2, and so
+    on down; dx = dout + g1 w1^T; dA = dout s3^T + dp2 s2^T + dp1 s1^T (summed over the batch for a
+    shared graph). Composite ATen ops: GEMMs over all B * N tokens at once."""
+    x, adj, w1, w2, w3, h1, h2 = ctx.saved_tensors
+    adj = None if ctx.fixed else adj
+    flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (B, N, C) -> (B * N, C)
+    g3 = _graph_t(adj, grad)
+    dp2 = (g3 @ w3.T) * (h2 > 0)
+    g2 = _graph_t(adj, dp2)
+    dp1 = (g2 @ w2.T) * (h1 > 0)
+    g1 = _graph_t(adj, dp1)
+    dx = grad + g1 @ w1.T
+    dadj = None
+    if adj is not None and ctx.needs_input_grad[1]:
+        s1, s2, s3 = x @ w1, h1 @ w2, h2 @ w3
+        dadj = grad @ s3.transpose(1, 2) + dp2 @ s2.transpose(1, 2) + dp1 @ s1.transpose(1, 2)  # (B, N, N)
+        dadj = dadj.sum(0) if adj.dim() == 2 else dadj
+    return (dx, dadj, flat(x).T @ flat(g1), flat(g1).sum(0), flat(h1).T @ flat(g2), flat(g2).sum(0),
+            flat(h2).T @ flat(g3), flat(g3).sum(0))
+
+
+def _register(forward_op) -> None:
+    torch.library.register_fake(forward_op)(_fake)
+    torch.library.register_autograd(forward_op, _backward, setup_context=_setup_context)
+
+
+_register(gcn_triton)
+if _ext.LOADED:
+    _register(torch.ops.lifeiqa_fast.gcn.default)

@@ -96,9 +96,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, _grad_h1, _grad_h2):
     """Adjoint of out = x + A s3 + b3, s3 = h2 w3, h2 = relu(A s2 + b2), s2 = h1 w2, h1 = relu(A s1 + b1),
-    s1 = x w1. With g3 = A^T dout: dw3 = h2^T g3, dh2 = g3 w3^T; dp2 = dh2 [h2 > 0], g2 = A^T dp2, and so
-    on down; dx = dout + g1 w1^T; dA = dout s3^T + dp2 s2^T + dp1 s1^T (summed over the batch for a
-    shared graph). Composite ATen ops: GEMMs over all B * N tokens at once."""
+    s1 = x w1. With g3 = A^T dout: dw3 = h2^T g3, db3 = sum dout, dh2 = g3 w3^T; dp2 = dh2 [h2 > 0],
+    g2 = A^T dp2, dw2 = h1^T g2, db2 = sum dp2, and so on down; dx = dout + g1 w1^T;
+    dA = dout s3^T + dp2 s2^T + dp1 s1^T (summed over the batch for a shared graph). Composite ATen
+    ops: GEMMs over all B * N tokens at once."""
     x, adj, w1, w2, w3, h1, h2 = ctx.saved_tensors
     adj = None if ctx.fixed else adj
     flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (B, N, C) -> (B * N, C)
@@ -113,8 +114,8 @@ def _backward(ctx, grad, _grad_h1, _grad_h2):
         s1, s2, s3 = x @ w1, h1 @ w2, h2 @ w3
         dadj = grad @ s3.transpose(1, 2) + dp2 @ s2.transpose(1, 2) + dp1 @ s1.transpose(1, 2)  # (B, N, N)
         dadj = dadj.sum(0) if adj.dim() == 2 else dadj
-    return (dx, dadj, flat(x).T @ flat(g1), flat(g1).sum(0), flat(h1).T @ flat(g2), flat(g2).sum(0),
-            flat(h2).T @ flat(g3), flat(g3).sum(0))
+    return (dx, dadj, flat(x).T @ flat(g1), flat(dp1).sum(0), flat(h1).T @ flat(g2), flat(dp2).sum(0),
+            flat(h2).T @ flat(g3), flat(grad).sum(0))
 
 
 def _register(forward_op) -> None:

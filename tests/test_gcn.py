@@ -1,0 +1,159 @@
+import pytest
+import torch
+
+from lifeiqa_fast import ops
+from lifeiqa_fast.reference import fixed_adjacency, gcn_ref
+
+from helpers import assert_matches_reference, dtypes_for, impl_params
+
+# (atol, rtol, slack) per dtype, forward and backward. fp32: the kernels sum in another order than
+# the reference's bmm (and the fixed graph in closed form), a few ulps through three layers. bf16/fp16:
+# the kernels keep h1, h2 in fp32 where the reference rounds them, so they must be no further from
+# the float64 truth than the reference is in that precision (slack 1.5 for rounding luck).
+TOLERANCE = {
+    torch.float32: {"forward": (1e-5, 1e-5, 1.0), "backward": (1e-4, 1e-4, 1.0)},
+    torch.bfloat16: {"forward": (2e-2, 2e-2, 1.5), "backward": (5e-2, 5e-2, 1.5)},
+    torch.float16: {"forward": (2e-3, 2e-3, 1.5), "backward": (5e-3, 5e-3, 1.5)},
+}
+
+# (B, N, D, H1, H2, adjacency)
+CASES = [
+    pytest.param((2, 6, 384, 192, 96, "fixed"), id="life-iqa"),  # the official decoder layer
+    pytest.param((3, 6, 384, 192, 96, "shared"), id="dense-shared-adj"),  # a learnable (N, N) graph
+    pytest.param((3, 7, 96, 48, 24, "per-sample"), id="odd-N-per-sample-adj"),  # (B, N, N), N=7 odd
+    pytest.param((1, 1, 100, 50, 25, "fixed"), id="one-token-D100"),  # N=1: A = 1; D not a power of 2
+    pytest.param((2, 32, 96, 48, 24, "fixed"), id="N32"),  # the largest token count
+    pytest.param((0, 6, 96, 48, 24, "fixed"), id="empty-batch"),
+]
+
+
+def _inputs(case, dtype, device, seed=0):
+    B, N, D, H1, H2, kind = case
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(device=device, dtype=dtype)
+
+    x = rnd(B, N, D)
+    weights = [rnd(D, H1, scale=D**-0.5), rnd(H1, scale=0.1), rnd(H1, H2, scale=H1**-0.5), rnd(H2, scale=0.1),
+               rnd(H2, D, scale=H2**-0.5), rnd(D, scale=0.1)]
+    adj = {"fixed": None, "shared": (N, N), "per-sample": (B, N, N)}[kind]
+    if adj is not None:
+        adj = (torch.rand(*adj, generator=gen, dtype=torch.float64) / N).to(device=device, dtype=dtype)
+    return x, adj, weights
+
+
+def _reference(x, adj, weights):
+    a = adj if adj is not None else fixed_adjacency(x.shape[1], x.dtype, x.device)
+    return gcn_ref(x, a, *weights)
+
+
+def _grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
+@pytest.mark.parametrize("impl_device", impl_params("gcn"))
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference(impl_device, case):
+    impl, device = impl_device
+    for dtype in dtypes_for(impl, device):
+        x, adj, weights = _inputs(case, dtype, device)
+        leaves = [t.requires_grad_() for t in [x, *weights] + ([adj] if adj is not None else [])]
+        out = ops.gcn(x, adj, *weights, impl=impl)
+        ref = _reference(x, adj, weights)
+        leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+        x64, w64, adj64 = leaves64[0], leaves64[1:7], (leaves64[7] if adj is not None else None)
+        truth = _reference(x64, adj64, w64)
+        tol = TOLERANCE[dtype]
+        assert_matches_reference(out, ref, truth, tol["forward"], f"{impl} {device} {dtype} forward")
+
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+        grads = _grads(out, leaves, dout.to(dtype))
+        grads_ref = _grads(ref, leaves, dout.to(dtype))
+        grads_truth = _grads(truth, leaves64, dout)
+        names = ["x", "w1", "b1", "w2", "b2", "w3", "b3", "adj"]
+        for name, g, r, t in zip(names, grads, grads_ref, grads_truth):
+            # scale-aware: a weight gradient sums over every token of the batch
+            scale = max(1.0, t.abs().max().item()) if t.numel() else 1.0
+            atol, rtol, slack = tol["backward"]
+            assert_matches_reference(g, r, t, (atol * scale, rtol, slack), f"{impl} {device} {dtype} d{name}")
+
+
+def test_non_contiguous_x():
+    x, adj, weights = _inputs((3, 6, 96, 48, 24, "fixed"), torch.float32, "cpu")
+    x_t = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, batch-minor strides
+    assert not x_t.is_contiguous()
+    for impl in ("native", "reference"):
+        torch.testing.assert_close(ops.gcn(x_t, None, *weights, impl=impl), _reference(x, None, weights))
+
+
+def test_large_batch_native():
+    """B=257: more images than one thread-pool task, on CPU."""
+    x, adj, weights = _inputs((257, 6, 96, 48, 24, "fixed"), torch.float32, "cpu")
+    torch.testing.assert_close(ops.gcn(x, None, *weights, impl="native"), _reference(x, None, weights),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl_device", [p for p in impl_params("gcn") if "reference" not in p.id])
+@pytest.mark.parametrize("kind", ["fixed", "per-sample"])
+def test_gradcheck_float64(impl_device, kind):
+    impl, device = impl_device
+    x, adj, weights = _inputs((2, 3, 4, 3, 2, kind), torch.float64, device)  # few inputs: the interpreter is slow
+    leaves = [x, *weights] + ([adj] if adj is not None else [])
+    for t in leaves:
+        t.requires_grad_()
+
+    def fn(x, w1, b1, w2, b2, w3, b3, *maybe_adj):
+        return ops.gcn(x, maybe_adj[0] if maybe_adj else None, w1, b1, w2, b2, w3, b3, impl=impl)
+
+    assert torch.autograd.gradcheck(fn, tuple(leaves))
+
+
+@pytest.mark.parametrize("impl_device", [p for p in impl_params("gcn") if "reference" not in p.id])
+def test_opcheck(impl_device):
+    impl, device = impl_device
+    op = torch.ops.lifeiqa_fast.gcn.default if impl == "native" else torch.ops.lifeiqa_fast.gcn_triton.default
+    for kind in ("fixed", "shared"):
+        x, adj, weights = _inputs((2, 6, 32, 16, 16, kind), torch.float32, device)
+        for t in [x, *weights]:
+            t.requires_grad_()
+        torch.library.opcheck(op, (x, adj, *weights))
+
+
+def test_compiles_fullgraph():
+    x, adj, weights = _inputs((2, 6, 32, 16, 16, "fixed"), torch.float32, "cpu")
+    fn = torch.compile(lambda x: ops.gcn(x, None, *weights), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(x), ops.gcn(x, None, *weights))
+
+
+def _bad(**change):
+    x, adj, weights = _inputs((2, 6, 32, 16, 8, "fixed"), torch.float32, "cpu")
+    args = dict(x=x, adj=adj, w1=weights[0], b1=weights[1], w2=weights[2], b2=weights[3], w3=weights[4],
+                b3=weights[5])
+    args.update(change)
+    return lambda: ops.gcn(**args)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (_bad(x=torch.randn(6, 32)), ValueError, r"x must have shape \(B, N, D\), got \(6, 32\)"),
+        (_bad(x=torch.randn(1, 33, 32)), ValueError, "1 <= N <= 32 tokens, got N=33"),
+        (_bad(w1=torch.randn(16, 32)), ValueError, r"w1 must have shape \(D, H1\) = \(32, 32\), got \(16, 32\)"),
+        (_bad(b3=torch.randn(16)), ValueError, r"b3 must have shape \(D,\) = \(32,\), got \(16,\)"),
+        (_bad(adj=torch.rand(5, 5)), ValueError, r"adj must be None or have shape \(N, N\)"),
+        (_bad(w3=torch.randn(8, 32, dtype=torch.float64)), ValueError, "w3 must have x's dtype and device"),
+        (_bad(x=torch.ones(2, 6, 32, dtype=torch.int64)), TypeError, "x must be a floating tensor"),
+        (_bad(b1=[0.0] * 16), TypeError, "b1 must be a torch.Tensor"),
+    ],
+    ids=["2-d-x", "too-many-tokens", "w1-shape", "b3-shape", "adj-shape", "dtype-mismatch", "int-x", "list-bias"],
+)
+def test_bad_input_errors(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_native_op_checks_its_contract():
+    x, adj, weights = _inputs((2, 6, 32, 16, 8, "fixed"), torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=r"lifeiqa_fast.gcn: w2 must have shape \(H1, H2\)"):
+        torch.ops.lifeiqa_fast.gcn(x, None, weights[0], weights[1], weights[4], weights[3], weights[4], weights[5])

@@ -87,10 +87,11 @@ def test_non_contiguous_x():
         torch.testing.assert_close(ops.gcn(x_t, None, *weights, impl=impl), _reference(x, None, weights))
 
 
-def test_large_batch_native():
-    """B=257: more images than one thread-pool task, on CPU."""
-    x, adj, weights = _inputs((257, 6, 96, 48, 24, "fixed"), torch.float32, "cpu")
-    torch.testing.assert_close(ops.gcn(x, None, *weights, impl="native"), _reference(x, None, weights),
+@pytest.mark.parametrize("kind", ["fixed", "per-sample"])
+def test_large_batch_native(kind):
+    """B=257: the BLAS path of the CPU kernel (many tokens), over several thread-pool tasks."""
+    x, adj, weights = _inputs((257, 6, 96, 48, 24, kind), torch.float32, "cpu")
+    torch.testing.assert_close(ops.gcn(x, adj, *weights, impl="native"), _reference(x, adj, weights),
                                atol=1e-5, rtol=1e-5)
 
 

@@ -79,6 +79,13 @@ def test_matches_reference(impl_device, case):
             assert_matches_reference(g, r, t, (atol * scale, rtol, slack), f"{impl} {device} {dtype} d{name}")
 
 
+def test_bf16_native_cpu_uses_blas_path():
+    """bf16 (and float64) take the BLAS-GEMM path of the CPU kernel; the per-dtype test covers its
+    accuracy, this one a batch large enough for several thread-pool tasks."""
+    x, adj, weights = _inputs((64, 6, 96, 48, 24, "per-sample"), torch.float64, "cpu")
+    torch.testing.assert_close(ops.gcn(x, adj, *weights, impl="native"), _reference(x, adj, weights))
+
+
 def test_non_contiguous_x():
     x, adj, weights = _inputs((3, 6, 96, 48, 24, "fixed"), torch.float32, "cpu")
     x_t = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, batch-minor strides
@@ -89,7 +96,7 @@ def test_non_contiguous_x():
 
 @pytest.mark.parametrize("kind", ["fixed", "per-sample"])
 def test_large_batch_native(kind):
-    """B=257: the BLAS path of the CPU kernel (many tokens), over several thread-pool tasks."""
+    """B=257: many images per thread-pool task."""
     x, adj, weights = _inputs((257, 6, 96, 48, 24, kind), torch.float32, "cpu")
     torch.testing.assert_close(ops.gcn(x, adj, *weights, impl="native"), _reference(x, adj, weights),
                                atol=1e-5, rtol=1e-5)

@@ -55,7 +55,7 @@ __global__ void _gcn_fwd_kernel(const scalar_t* __restrict__ x, int64_t sxB, int
                                 scalar_t* __restrict__ out, scalar_t* __restrict__ h1_out,
                                 scalar_t* __restrict__ h2_out, int N, int D, int H1, int H2) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem[];
   acc_t* A = reinterpret_cast<acc_t*>(smem);
   acc_t* h1 = A + N * N;
   acc_t* h2 = h1 + N * H1;

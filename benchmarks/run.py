@@ -1,30 +1,25 @@
 #!/usr/bin/env python
-"""The project's benchmark: each op family against the authors' eager code and torch.compile of it.
+"""The project's benchmark: each op family, the head and the whole model against the authors' eager
+code and torch.compile of it (README.md, "Benchmarks", says what is measured and how).
 
-One entry of CASES per op family. For every (op, device, dtype, batch, direction) the script
-1. builds the inputs and runs the eager baseline (the official code path), then checks every other
-   implementation against it: a mismatch is reported and that implementation is not timed;
-2. times all that passed, round-robin over samples so that drift (turbo, other processes) hits all
-   alike: warm-up, then calls grouped into samples of ~budget/samples seconds each;
-3. reports ms as median [p20-p80] over samples, the speed-ups vs eager and vs torch.compile, GB/s
-   and GFLOP/s, and the fraction of the device's limits measured in the same run (a 2048^3 fp32
-   GEMM and a 256 MB copy): limit_fraction = max(GB/s / copy GB/s, GFLOP/s / GEMM GFLOP/s).
-
-Forward rows run under torch.no_grad(), as inference does; --backward adds rows that time forward +
-backward with a fixed random output gradient. On CUDA a sample is timed with CUDA events around a
-loop of calls, synchronised at its end; inputs that fit in L2 stay there between calls (as after
-the backbone that just wrote them), so small batches may beat the copy bandwidth. torch.compile
-runs with its defaults (graph breaks allowed); its first call is reported as compile time.
+For every entry of CASES (one per op family, plus "head": LifeIQA.forward_head on stage maps, and
+"model": LifeIQA.forward on images) and every device, dtype, batch and direction, bench_row runs the
+authors' code (eager; head and model: LifeIQA(impl="reference") in eval mode), checks every other
+implementation against it (compare), then times those that passed round-robin (measure) and reports
+ms median [p20-p80], speed-ups vs eager and vs torch.compile, GB/s, GFLOP/s and the fraction of the
+device's limits measured in the same run. --backward adds forward+backward rows.
 
     python benchmarks/run.py --quick
-    python benchmarks/run.py --json benchmarks/results/$(date +%F)-cpu.json \
-                             --markdown benchmarks/results/$(date +%F)-cpu.md
+    python benchmarks/run.py --save benchmarks/results    # DATE-DEVICES.{md,json,csv,png}
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
+import functools
+import importlib.util
 import json
 import logging
 import os
@@ -32,11 +27,16 @@ import pathlib
 import platform
 import subprocess
 import sys
+import tempfile
 import time
+import unittest.mock
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+from tqdm import tqdm  # a dependency of timm's
 
 import lifeiqa_fast
 from lifeiqa_fast.ops import grid_pool
@@ -46,31 +46,65 @@ from lifeiqa_fast.reference import grid_pool_ref
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 DEFAULT_DTYPES = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "fp16", "bf16")}
-# Max abs error allowed vs the eager output, times max(1, max |eager|). fp32 differs from eager only
-# by summation order; fp16/bf16 outputs are rounded to 11/8 bits, and eager and the kernels may
-# round intermediate sums differently.
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 BASELINES = ("eager", "compile")
+MIN_SAMPLES = 5
+
+
+class FlopCount(TorchDispatchMode):
+    """FLOP of the matmuls and convolutions run inside, by torch.utils.flop_counter's formulas (its
+    FlopCounterMode also tracks modules with hooks that autograd.grad on leaves does not support)."""
+
+    total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in flop_registry:
+            self.total += flop_registry[func.overloadpacket](*args, **(kwargs or {}), out_val=out)
+        return out
+
+
+class Unavailable(Exception):
+    """An implementation that cannot run on this device: reported as the row's status, not timed."""
+
+
+def _counted_cost(args, outs, params, backward, counted) -> tuple[float, float]:
+    """(FLOP counted on the eager call, bytes): the authors' FLOP, so an implementation that skips some
+    (the head projecting after pooling) may pass 100% of the GEMM limit. Bytes, a rough figure: inputs,
+    outputs and weights once; forward+backward also reads the output gradient, reads inputs and
+    weights again and writes their gradients."""
+    in_bytes, out_bytes, weight_bytes = (sum(t.numel() * t.element_size() for t in ts) for ts in (args, outs, params))
+    if backward:
+        return counted, 3 * (in_bytes + weight_bytes) + 2 * out_bytes
+    return counted, in_bytes + out_bytes + weight_bytes
 
 
 @dataclass(frozen=True)
 class Case:
-    """One op family: its inputs, the official eager code, our implementations and its cost."""
+    """One op family (or the head, or the model): inputs, implementations, cost and tolerances."""
 
     op: str
     make_inputs: Callable[[int, torch.dtype, torch.device], tuple]  # (batch, dtype, device) -> args
-    eager: Callable  # args -> one tensor, the authors' way
-    impl: Callable[[str], Callable]  # impl name -> (args -> the same tensor)
-    impls: tuple[str, ...]
-    cost: Callable[[tuple, torch.Tensor, bool], tuple[float, float]]  # (args, out, backward) -> (FLOP, bytes)
+    # (impl, device, dtype) -> (fn, params): fn(*args) -> a tensor or a tuple of tensors; params, the
+    # parameters that backward differentiates besides the inputs. impl "eager" is the authors' code;
+    # raises Unavailable when the impl cannot run there.
+    build: Callable[[str, torch.device, torch.dtype], tuple[Callable, tuple]]
+    impls: tuple[str, ...]  # ours, besides eager and compile
+    tolerance: dict[torch.dtype, float]  # allowed max_err, see compare()
     batches: dict[str, tuple[int, ...]]  # per device type
+    quick: tuple[int, ...]  # batches for --quick
+    # (outputs) -> the gradient of each output in backward rows; made once per row, shared by all impls
+    grad_outputs: Callable[[tuple], tuple] = lambda outs: tuple(torch.randn_like(o) for o in outs)
+    # (args, outputs, params, backward, FlopCount of the eager call) -> (FLOP, bytes)
+    cost: Callable[..., tuple[float, float]] = _counted_cost
 
 
 GRID = 7  # Life-IQA pools the stage-3 map onto a 7 x 7 grid
 
 
-def _grid_pool_inputs(batch: int, dtype: torch.dtype, device: torch.device) -> tuple:
-    return (torch.randn(batch, 14, 14, 512, dtype=dtype, device=device),)  # stage 3, NHWC as timm emits it
+def _stage_maps(batch: int, dtype: torch.dtype, device: torch.device, stages=(3, 4)) -> tuple:
+    """Swin-B's stage 3 and 4 maps at 224, NHWC as timm emits them."""
+    shapes = {3: (batch, 14, 14, 512), 4: (batch, 7, 7, 1024)}
+    return tuple(torch.randn(shapes[s], dtype=dtype, device=device) for s in stages)
 
 
 def _grid_pool_eager(x):
@@ -78,99 +112,147 @@ def _grid_pool_eager(x):
     return grid_pool_ref(x.permute(0, 3, 1, 2).contiguous(), GRID)  # (B, 49, 512)
 
 
-def _grid_pool_cost(args, out, backward):
+def _grid_pool_build(impl: str, device: torch.device, dtype: torch.dtype):
+    if impl == "eager":
+        return _grid_pool_eager, ()
+    if impl == "triton" and device.type == "cpu":
+        # Triton on CPU tensors runs only interpreted, orders of magnitude too slow to be worth timing.
+        raise Unavailable("n/a (interpreted: too slow to time)" if triton_interpreted() else
+                          "n/a (CPU needs TRITON_INTERPRET)")
+    try:
+        choose("grid_pool", device.type, impl)  # raises when impl cannot run on this device, saying why
+    except RuntimeError as exc:
+        raise Unavailable(f"unavailable: {exc}") from None
+    return (lambda x: grid_pool(x, GRID, impl=impl)), ()
+
+
+def _grid_pool_cost(args, outs, params, backward, counted):
     # Forward: one add per input element and one divide per output; reads x, writes out.
     # Backward: one divide per input gradient; reads grad (out-sized), writes dx (x-sized).
     # The minimum any implementation must do: eager's extra permute copy is not counted.
-    (x,) = args
+    (x,), (out,) = args, outs
     flop = elems = x.numel() + out.numel()
     if backward:
         flop, elems = flop + x.numel(), elems + out.numel() + x.numel()
     return flop, elems * x.element_size()
 
 
+# The model of the head and model rows: the default Swin-B backbone (random weights) and head.
+# MODEL_IMPLS: our implementations of it by label, as LifeIQA arguments; eager is impl="reference".
+MODEL_CONFIG = dict(num_experts=8, top_k=2, depth=4)
+MODEL_IMPLS = {"fused": dict(impl="auto")}
+
+
+@functools.lru_cache(maxsize=None)
+def _lifeiqa(impl: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """LifeIQA in eval mode for "eager" or a MODEL_IMPLS label; all share one state dict, made once."""
+    if (device.type, dtype) != ("cpu", torch.float32):
+        return copy.deepcopy(_lifeiqa(impl, torch.device("cpu"), torch.float32)).to(device, dtype)
+    if impl == "eager":
+        torch.manual_seed(0)
+        return lifeiqa_fast.LifeIQA(**MODEL_CONFIG, impl="reference").eval()
+    model = lifeiqa_fast.LifeIQA(**MODEL_CONFIG, **MODEL_IMPLS[impl]).eval()
+    model.load_state_dict(_lifeiqa("eager", device, dtype).state_dict())
+    return model
+
+
+def _head_build(impl, device, dtype):
+    model = _lifeiqa(impl, device, dtype)
+    backbone = {id(p) for p in model.pretrain_model.parameters()}
+    return model.forward_head, tuple(p for p in model.parameters() if id(p) not in backbone)
+
+
+def _model_build(impl, device, dtype):
+    model = _lifeiqa(impl, device, dtype)
+    return model, tuple(model.parameters())
+
+
+def _loss_gradients(outs):
+    # (score, aux, z) -> d(score.sum() + 0.01 * aux + 0.001 * z) / d(each): the authors' training loss
+    score, aux, z = outs
+    return torch.ones_like(score), torch.full_like(aux, 0.01), torch.full_like(z, 0.001)
+
+
+# Tolerances of max_err. grid_pool: fp32 differs from eager only by summation order; fp16/bf16 means
+# are rounded to 11/8 bits, and eager and the kernels may round intermediate sums differently.
+# head/model: fp32 sums in another order through four decoder layers and the pool-first projection
+# (seen: 3e-6 on scores and gradients). In bf16 a weight gradient summed over tokens in another
+# order may be off by a few % of its largest element (seen: 3.5% for torch.compile's, at batch 1).
+OP_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+MODEL_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
 CASES = {case.op: case for case in (
-    Case("grid_pool", _grid_pool_inputs, _grid_pool_eager,
-         impl=lambda name: lambda x: grid_pool(x, GRID, impl=name), impls=("native", "triton"),
-         cost=_grid_pool_cost, batches={"cpu": (1, 8, 32, 64), "cuda": (1, 8, 32, 64, 256)}),
+    Case("grid_pool", functools.partial(_stage_maps, stages=(3,)), _grid_pool_build, ("native", "triton"),
+         OP_TOLERANCE, batches={"cpu": (1, 8, 32, 64), "cuda": (1, 8, 32, 64, 256)}, quick=(1, 32),
+         cost=_grid_pool_cost),
+    Case("head", _stage_maps, _head_build, tuple(MODEL_IMPLS), MODEL_TOLERANCE,
+         batches={"cpu": (1, 8, 64), "cuda": (1, 8, 64, 256)}, quick=(1,), grad_outputs=_loss_gradients),
+    # Swin-B costs ~0.2 s per image on a 2-core CPU and torch.compile of it ~1 min per shape there.
+    Case("model", lambda b, dt, dev: (torch.randn(b, 3, 224, 224, dtype=dt, device=dev),), _model_build,
+         tuple(MODEL_IMPLS), MODEL_TOLERANCE, batches={"cpu": (1, 8), "cuda": (1, 8, 64, 256)}, quick=(),
+         grad_outputs=_loss_gradients),
 )}
 
 
-def _not_timed(op: str, device: torch.device, impl: str) -> str | None:
-    """Why `impl` is not timed on `device` (choose()'s semantics: an impl that raises is unavailable)."""
-    if impl == "triton" and device.type == "cpu":
-        # Triton on CPU tensors runs only interpreted, orders of magnitude too slow to be worth timing.
-        return "n/a (interpreted: too slow to time)" if triton_interpreted() else "n/a (CPU needs TRITON_INTERPRET)"
-    try:
-        choose(op, device.type, impl)
-    except RuntimeError as exc:
-        return f"unavailable: {exc}"
+def _busy_s() -> tuple[float, float] | None:
+    """(CPU seconds all processes used, of which this one's), from /proc/stat (Linux), else None."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        own = os.times()
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
     return None
 
 
-class ForeignLoad:
-    """CPU time that other processes take while we time: on a shared machine they distort results
-    (a busy core stalls every parallel region of a 2-thread pool), so each row records it."""
-
-    @staticmethod
-    def _read() -> tuple[float, float, float] | None:
-        try:
-            with open("/proc/stat") as f:
-                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-        except (OSError, ValueError):
-            return None
-        own = os.times()
-        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-        return busy, own.user + own.system, time.perf_counter()
-
-    def __enter__(self):
-        self.start, self.cores = self._read(), None
-        return self
-
-    def __exit__(self, *exc):
-        end = self._read()
-        if self.start and end and end[2] > self.start[2]:
-            self.cores = max(0.0, ((end[0] - self.start[0]) - (end[1] - self.start[1])) / (end[2] - self.start[2]))
+@contextlib.contextmanager
+def foreign_load():
+    """Yields a dict whose "cores" becomes the cores other processes kept busy meanwhile: on a shared
+    machine they distort results (a busy core stalls every parallel region of a 2-thread pool)."""
+    load, start, t0 = {"cores": None}, _busy_s(), time.perf_counter()
+    yield load
+    end, elapsed = _busy_s(), time.perf_counter() - t0
+    if start and end and elapsed > 0:
+        load["cores"] = max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / elapsed)
 
 
-def _timer(device: torch.device) -> Callable[[Callable, int], float]:
-    """run(fn, number): seconds taken by `number` calls of fn, synchronised with the device."""
-    if device.type == "cuda":
-        def run(fn, number):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(number):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-    else:
-        def run(fn, number):
-            start = time.perf_counter()
-            for _ in range(number):
-                fn()
-            return time.perf_counter() - start
-    return run
+def _seconds(fn: Callable, number: int, device: torch.device) -> float:
+    """Seconds taken by `number` calls of fn, synchronised with the device."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        return time.perf_counter() - start
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(number):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 def measure(fns: dict[str, Callable], device: torch.device, budget_s: float, samples: int) -> dict[str, list[float]]:
-    """ms per call of each fn, `samples` values each, taken round-robin over the fns.
+    """ms per call of each fn, one value per sample, samples taken round-robin over the fns.
 
     Each fn is warmed up, then calibrated on >= 10 ms of calls (well above timer resolution) to pick
     how many calls make one sample of about budget_s / samples: one fn costs about budget_s in all.
+    A fn slower than that per call gets single-call samples, as many as budget_s allows but at least
+    MIN_SAMPLES (and at most `samples`).
     """
-    run, numbers = _timer(device), {}
+    run, numbers, counts = functools.partial(_seconds, device=device), {}, {}
     for name, fn in fns.items():
         run(fn, 1)  # warm-up: lazy initialisation, allocator, caches
         number, elapsed = 1, run(fn, 1)
         while elapsed < 0.01:
             number *= 2
             elapsed = run(fn, number)
-        numbers[name] = max(1, round(budget_s / samples / (elapsed / number)))
+        per_call = elapsed / number
+        numbers[name] = max(1, round(budget_s / samples / per_call))
+        counts[name] = min(samples, max(MIN_SAMPLES, round(budget_s / per_call)))
     times = {name: [] for name in fns}
-    for _ in range(samples):
+    for i in range(max(counts.values(), default=0)):
         for name, fn in fns.items():
-            times[name].append(run(fn, numbers[name]) / numbers[name] * 1e3)
+            if i < counts[name]:
+                times[name].append(run(fn, numbers[name]) / numbers[name] * 1e3)
     return times
 
 
@@ -180,21 +262,33 @@ def quantiles(values: list[float]) -> tuple[float, float, float]:
     return tuple(torch.tensor(values, dtype=torch.float64).quantile(q).tolist())
 
 
-def measure_limits(device: torch.device, budget_s: float, samples: int) -> dict:
-    """The device's fp32 GEMM GFLOP/s and copy GB/s, the denominators of limit_fraction."""
-    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+def measure_limits(device: torch.device, dtypes: list[str], budget_s: float, samples: int) -> dict:
+    """The device's GEMM GFLOP/s per dtype and copy GB/s, the denominators of limit_fraction."""
+    mats = {name: torch.randn(2, 2048, 2048, device=device).to(DTYPES[name]) for name in dtypes}
     # copy_ into a buffer allocated once: clone() would time page faults of a fresh 256 MB on CPU.
     src = torch.ones(64 * 2**20, device=device)  # 256 MB, pages touched
     dst = torch.empty_like(src)
-    t = measure({"gemm": lambda: a @ b, "copy": lambda: dst.copy_(src)}, device, budget_s, samples)
-    return {"gemm_gflops": 2 * 2048**3 / quantiles(t["gemm"])[0] / 1e6,
+    fns = {name: functools.partial(torch.matmul, *ab) for name, ab in mats.items()}
+    t = measure({**fns, "copy": lambda: dst.copy_(src)}, device, budget_s, samples)
+    return {"gemm_gflops": {name: 2 * 2048**3 / quantiles(t[name])[0] / 1e6 for name in dtypes},
             "copy_gbps": 2 * src.nbytes / quantiles(t["copy"])[0] / 1e6}
 
 
-def _error(got, want) -> tuple[float, float]:
-    """(max abs difference over matching tensors, max(1, max |want|): the scale of the tolerance)."""
-    scale = max([1.0] + [w.abs().max().item() for w in want if w.numel()])
-    return max([0.0] + [(g.float() - w.float()).abs().max().item() for g, w in zip(got, want) if w.numel()]), scale
+def compare(got: tuple, ref: tuple, eager: tuple, tolerance: float) -> tuple[float, bool]:
+    """(max_err, ok): max_err is the max over outputs (and gradients) of |got - ref| / max(1, max |ref|).
+
+    In fp32 rows ref and eager are the eager outputs: ok if max_err <= tolerance. In fp16/bf16 rows ref
+    is eager in fp32 on the same inputs and weights, and each output may be off by the tolerance plus
+    twice eager's own error on it (the eager row thus shows the reference's own error).
+    """
+    worst, ok = 0.0, True
+    for g, r, e in zip(got, ref, eager, strict=True):
+        r = r.float()
+        scale = max(1.0, r.abs().max().item())
+        err = (g.float() - r).abs().max().item() / scale
+        own = (e.float() - r).abs().max().item() / scale  # the reference's own error in this precision
+        worst, ok = max(worst, err), ok and err <= tolerance + 2 * own
+    return worst, ok
 
 
 def bench_row(case: Case, device: torch.device, dtype: torch.dtype, batch: int, backward: bool,
@@ -203,74 +297,85 @@ def bench_row(case: Case, device: torch.device, dtype: torch.dtype, batch: int, 
     torch.manual_seed(0)
     inputs = case.make_inputs(batch, dtype, device)
     if backward:
-        inputs = tuple(t.detach().requires_grad_() if t.is_floating_point() else t for t in inputs)
-    leaves = [t for t in inputs if t.requires_grad]
-    grad_out = None
+        inputs = tuple(t.detach().requires_grad_() for t in inputs)
+    grad_outputs = []  # made from the eager outputs on the first call, then the same for every impl
 
-    def call(fn):
-        """fn on the inputs, as one timed call: (out, grads of the inputs) or (out,) forward only."""
-        out = fn(*inputs)
-        return (out, *torch.autograd.grad(out, leaves, grad_out)) if backward else (out,)
+    def call(fn, params, args=inputs):
+        """One timed call: (fn's outputs, and in backward rows the gradients of args and params)."""
+        outs = fn(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        if not backward:
+            return outs, ()
+        if not grad_outputs:
+            grad_outputs.extend(case.grad_outputs(outs))
+        grads = torch.autograd.grad(outs, (*args, *params), [g.to(o.dtype) for g, o in zip(grad_outputs, outs)],
+                                    allow_unused=True, materialize_grads=True)  # an expert may get no token
+        return outs, grads
 
     with torch.no_grad() if not backward else contextlib.nullcontext():
-        eager_out = case.eager(*inputs)
-        grad_out = torch.randn_like(eager_out)  # fixed by the seed, the same for every impl
-        want = call(case.eager)
-        flop, nbytes = case.cost(inputs, eager_out, backward)
+        eager, params = case.build("eager", device, dtype)
+        with FlopCount() as counter:
+            want = call(eager, params)
+        flop, nbytes = case.cost(inputs, want[0], params, backward, counter.total)
+        ref = want
+        if dtype != torch.float32:  # the fp32 truth that low-precision outputs are measured against
+            fn32, params32 = case.build("eager", device, torch.float32)
+            ref = call(fn32, params32, tuple(t.detach().float().requires_grad_(backward) for t in inputs))
+        ref, want_all = ref[0] + ref[1], want[0] + want[1]
         fns, rows = {}, {}
         for name in impls:
-            row = rows[name] = {"impl": name, "status": "ok", "max_abs_err": 0.0 if name == "eager" else None}
-            fn = case.eager
-            if name == "compile":
-                torch._dynamo.reset()  # a fresh compile per row: no shared cache, no recompile limit
-                torch._dynamo.utils.counters.clear()
-                fn = torch.compile(case.eager, dynamic=False)
-            elif name != "eager":
-                row["status"] = _not_timed(case.op, device, name) or "ok"
-                fn = case.impl(name)
-            if row["status"] != "ok":
-                continue
+            row = rows[name] = {"impl": name, "status": "ok", "max_err": None}
             try:
-                start = time.perf_counter()
-                got = call(fn)
-                if name == "compile":
+                fn, fn_params = eager, params
+                if name == "eager":
+                    got = want
+                elif name == "compile":
+                    torch._dynamo.reset()  # a fresh compile per row: no shared cache, no recompile limit
+                    torch._dynamo.utils.counters.clear()
+                    fn, start = torch.compile(eager, dynamic=False), time.perf_counter()
+                    got = call(fn, fn_params)
                     row["compile_s"] = time.perf_counter() - start
                     row["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                else:
+                    fn, fn_params = case.build(name, device, dtype)
+                    got = call(fn, fn_params)
+            except Unavailable as exc:
+                row["status"] = str(exc)
+                continue
             except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
                 first_line = (str(exc).strip().splitlines() or [""])[0][:160]
                 what = "compile failed" if name == "compile" else "error"
                 row["status"] = f"{what}: {type(exc).__name__}: {first_line}"
                 continue
-            if name != "eager":
-                row["max_abs_err"], scale = _error(got, want)
-                if row["max_abs_err"] > TOLERANCE[dtype] * scale:
-                    row["status"] = f"mismatch (err {row['max_abs_err']:.2e} > {TOLERANCE[dtype] * scale:.1e})"
-                    continue
-            fns[name] = lambda fn=fn: call(fn)
-        with ForeignLoad() as load:
+            row["max_err"], ok = compare(got[0] + got[1], ref, want_all, case.tolerance[dtype])
+            if not ok:
+                own = " + 2 x eager's own error" if dtype != torch.float32 else ""
+                row["status"] = f"mismatch (err {row['max_err']:.2e} > {case.tolerance[dtype]:.1e}{own})"
+                continue
+            fns[name] = functools.partial(call, fn, fn_params)
+        with foreign_load() as load:
             times = measure(fns, device, budget_s, samples) if fns else {}
 
     base = {"op": case.op, "device": device.type, "dtype": DTYPE_NAMES[dtype], "batch": batch,
-            "direction": "forward+backward" if backward else "forward", "other_load_cores": load.cores}
-    medians = {name: quantiles(t)[0] for name, t in times.items()}
+            "direction": "forward+backward" if backward else "forward", "other_load_cores": load["cores"]}
+    medians, limits = {name: quantiles(t)[0] for name, t in times.items()}, LIMITS[device.type]
     result = []
     for name, row in rows.items():
         row = {**base, **row}
         if name in times:
             median, p20, p80 = quantiles(times[name])
             gflops, gbps = flop / median / 1e6, nbytes / median / 1e6
-            row.update(median_ms=median, p20_ms=p20, p80_ms=p80, gflops=gflops, gbps=gbps,
-                       speedup_vs_eager=medians["eager"] / median if "eager" in medians else None,
+            row.update(median_ms=median, p20_ms=p20, p80_ms=p80, samples=len(times[name]), gflops=gflops,
+                       gbps=gbps, speedup_vs_eager=medians["eager"] / median if "eager" in medians else None,
                        speedup_vs_compile=medians["compile"] / median if "compile" in medians else None,
-                       limit_fraction=max(gbps / LIMITS[device.type]["copy_gbps"],
-                                          gflops / LIMITS[device.type]["gemm_gflops"]))
+                       limit_fraction=max(gbps / limits["copy_gbps"], gflops / limits["gemm_gflops"][base["dtype"]]))
         result.append(row)
     return result
 
 
 LIMITS: dict[str, dict] = {}  # device type -> measure_limits(), filled before any row runs
-CSV_FIELDS = ("op", "impl", "device", "dtype", "batch", "direction", "median_ms", "p20_ms", "p80_ms",
-              "speedup_vs_eager", "speedup_vs_compile", "gflops", "gbps", "limit_fraction", "max_abs_err",
+CSV_FIELDS = ("op", "impl", "device", "dtype", "batch", "direction", "median_ms", "p20_ms", "p80_ms", "samples",
+              "speedup_vs_eager", "speedup_vs_compile", "gflops", "gbps", "limit_fraction", "max_err",
               "status", "compile_s", "graphs", "other_load_cores")
 
 
@@ -278,34 +383,54 @@ def describe_machine() -> dict:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     git = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                          cwd=pathlib.Path(__file__).parent).stdout.strip() or None
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu, "cpu_cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "triton": triton_version, "lifeiqa_fast": lifeiqa_fast.__version__, "git": git, "limits": LIMITS}
+            "triton": getattr(sys.modules.get("triton"), "__version__", None),  # lifeiqa_fast imports it if present
+            "lifeiqa_fast": lifeiqa_fast.__version__, "git": git, "limits": LIMITS}
 
 
-def machine_lines(machine: dict) -> list[str]:
-    lines = [f"{machine['date']}  lifeiqa_fast {machine['lifeiqa_fast']} (git {machine['git']}): {machine['command']}",
-             f"CPU: {machine['cpu']}, {machine['cpu_cores']} cores, torch threads {machine['torch_threads']}",
-             f"GPU: {machine['gpu'] or 'none'}",
-             f"python {machine['python']}, torch {machine['torch']}, CUDA {machine['cuda']}, "
-             f"Triton {machine['triton']}"]
-    lines += [f"limits on {dev}: fp32 GEMM 2048^3 {lim['gemm_gflops']:.1f} GFLOP/s, "
-              f"copy 256 MB {lim['copy_gbps']:.1f} GB/s"
-              for dev, lim in machine["limits"].items()]
+def machine_lines(m: dict) -> list[str]:
+    lines = [f"{m['date']}  lifeiqa_fast {m['lifeiqa_fast']} (git {m['git']}): {m['command']}",
+             f"CPU: {m['cpu']}, {m['cpu_cores']} cores, torch threads {m['torch_threads']}; GPU: {m['gpu'] or 'none'}",
+             f"python {m['python']}, torch {m['torch']}, CUDA {m['cuda']}, Triton {m['triton']}"]
+    for dev, lim in m["limits"].items():
+        gemm = ", ".join(f"{dtype} {gflops:.1f}" for dtype, gflops in lim["gemm_gflops"].items())
+        lines.append(f"limits on {dev}: GEMM 2048^3 GFLOP/s {gemm}; copy 256 MB {lim['copy_gbps']:.1f} GB/s")
+    if "wall_s" in m:
+        lines.append(f"wall time {m['wall_s']:.0f} s (torch.compile with a fresh inductor cache)")
     return lines
 
 
 def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
+
+
+def summary(results: list[dict]) -> list[tuple[str, list[list[str]]]]:
+    """The headline per device, dtype and direction: per op and batch, eager, torch.compile and our
+    fastest implementation."""
+    groups: dict[tuple, dict[tuple, dict[str, dict]]] = {}
+    for r in results:
+        key = (r["device"], r["dtype"], r["direction"])
+        groups.setdefault(key, {}).setdefault((r["op"], r["batch"]), {})[r["impl"]] = r
+    out = []
+    for (device, dtype, direction), cases in groups.items():
+        cells = [["op", "batch", "eager ms", "compile ms", "fastest of ours", "ms", "vs eager", "vs compile"]]
+        for (op, batch), impls in cases.items():
+            ours = [r for name, r in impls.items() if name not in BASELINES and "median_ms" in r]
+            best = min(ours, key=lambda r: r["median_ms"], default={})
+            eager, compiled = impls.get("eager", {}), impls.get("compile", {})
+            compile_ms = _fmt(compiled.get("median_ms"), ".4g")
+            if "compile_s" in compiled:
+                compile_ms += f" (compile {compiled['compile_s']:.1f} s)"
+            cells.append([op, str(batch), _fmt(eager.get("median_ms"), ".4g"), compile_ms, best.get("impl", "none"),
+                          _fmt(best.get("median_ms"), ".4g"), _fmt(best.get("speedup_vs_eager"), ".1f"),
+                          _fmt(best.get("speedup_vs_compile"), ".1f")])
+        out.append((f"summary / {device} / {dtype} / {direction}", cells))
+    return out
 
 
 def tables(results: list[dict]) -> list[tuple[str, list[list[str]]]]:
@@ -315,8 +440,8 @@ def tables(results: list[dict]) -> list[tuple[str, list[list[str]]]]:
         groups.setdefault((r["op"], r["device"], r["dtype"], r["direction"]), []).append(r)
     out = []
     for (op, device, dtype, direction), rows in groups.items():
-        cells = [["batch", "impl", "ms median [p20-p80]", "vs eager", "vs compile", "GB/s", "GFLOP/s",
-                  "of limit", "max err", "status"]]
+        cells = [["batch", "impl", "ms median [p20-p80]", "vs eager", "vs compile", "GB/s", "GFLOP/s", "of limit",
+                  "max err", "status"]]
         for r in rows:
             ms = f"{r['median_ms']:.4g} [{r['p20_ms']:.4g}-{r['p80_ms']:.4g}]" if "median_ms" in r else ""
             status = r["status"]
@@ -325,39 +450,59 @@ def tables(results: list[dict]) -> list[tuple[str, list[list[str]]]]:
             cells.append([str(r["batch"]), r["impl"], ms, _fmt(r.get("speedup_vs_eager"), ".1f"),
                           _fmt(r.get("speedup_vs_compile"), ".1f"), _fmt(r.get("gbps"), ".2f"),
                           _fmt(r.get("gflops"), ".2f"), _fmt(r.get("limit_fraction"), ".1%"),
-                          _fmt(r["max_abs_err"], ".1e"), status])
+                          _fmt(r["max_err"], ".1e"), status])
         load = max((r["other_load_cores"] or 0.0) for r in rows)
         warn = f"  [other processes used up to {load:.1f} cores while timing]" if load > 0.2 else ""
         out.append((f"{op} / {device} / {dtype} / {direction}{warn}", cells))
     return out
 
 
-def render_text(title: str, cells: list[list[str]]) -> str:
+def render(title: str, cells: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = [f"### {title}", "", "| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells[1:]])
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = [title] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(2, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def render_markdown(title: str, cells: list[list[str]]) -> str:
-    lines = [f"### {title}", "", "| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells[1:]])
+def plot(results: list[dict], path: pathlib.Path, title: str) -> None:
+    """Speed-up vs eager by batch: one panel per op, one line per implementation (and variant)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
-
-class _Counter:
-    """tqdm's interface as far as used here, for when tqdm is not installed."""
-
-    def __init__(self, total, **_):
-        self.total, self.n = total, 0
-
-    def set_postfix_str(self, text):
-        print(f"[{self.n + 1}/{self.total}] {text}", file=sys.stderr, flush=True)
-
-    def update(self, n=1):
-        self.n += n
-
-    def close(self):
-        pass
+    ops = list(dict.fromkeys(r["op"] for r in results))
+    variants = list(dict.fromkeys((r["device"], r["dtype"], r["direction"]) for r in results))
+    varying = [len({v[i] for v in variants}) > 1 for i in range(3)]  # name only what differs
+    impls = list(dict.fromkeys(r["impl"] for r in results if r["impl"] != "eager"))
+    fig, axes = plt.subplots(1, len(ops), figsize=(4.2 * len(ops), 3.6), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        lines: dict[tuple, list] = {}
+        for r in results:
+            if r["op"] == op and r["impl"] != "eager" and r.get("speedup_vs_eager"):
+                key = (r["impl"], (r["device"], r["dtype"], r["direction"]))
+                lines.setdefault(key, []).append((r["batch"], r["speedup_vs_eager"]))
+        for (impl, variant), points in lines.items():
+            label = " ".join([impl, *(v for v, shown in zip(variant, varying) if shown)])
+            ax.plot(*zip(*sorted(points)), marker="o", label=label, color=f"C{impls.index(impl)}",
+                    linestyle=("-", "--", ":", "-.")[variants.index(variant) % 4])
+        ax.axhline(1.0, color="grey", linewidth=0.8)  # eager
+        batches = sorted({r["batch"] for r in results if r["op"] == op})
+        ax.set(xscale="log", yscale="log", title=op, xlabel="batch", ylabel="speed-up vs eager")
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        for formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))  # 0.5 2 10, not 10^0
+        ax.grid(True, which="both", alpha=0.3)
+        if lines:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -366,17 +511,19 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Filters are comma-separated lists; batch and dtype replace the defaults.")
-    p.add_argument("--ops", type=csv_list(), default=list(CASES), help=f"op families (default: {','.join(CASES)})")
-    p.add_argument("--impl", type=csv_list(), help="implementations to time, among eager, compile and each op's "
-                   "(default: all); eager always runs once, as the reference output")
+    p.add_argument("--ops", type=csv_list(), default=list(CASES), help=f"cases (default: {','.join(CASES)})")
+    p.add_argument("--impl", type=csv_list(), help="eager, compile and ours to time (default: all); eager always "
+                   "runs once, as the reference")
     p.add_argument("--device", type=csv_list(), help="cpu, cuda (default: cpu, and cuda when available)")
-    p.add_argument("--batch", type=csv_list(int), help="batch sizes (default per op and device, e.g. 1,8,32,64 on cpu)")
+    p.add_argument("--batch", type=csv_list(int), help="batch sizes (default: per op and device)")
     p.add_argument("--dtype", type=csv_list(), help="fp32, fp16, bf16 (default: fp32,bf16 on cpu; all on cuda)")
     p.add_argument("--backward", action="store_true", help="also time forward + backward")
-    p.add_argument("--quick", action="store_true", help="CI-sized: batches 1 and 32, fp32, fewer repetitions")
+    p.add_argument("--quick", action="store_true", help="CI-sized: few batches (no model), fp32, fewer repetitions")
     p.add_argument("--json", type=pathlib.Path, help="write the machine description and all rows as JSON")
     p.add_argument("--csv", type=pathlib.Path, help="write one row per op, impl, device, dtype, batch, direction")
     p.add_argument("--markdown", type=pathlib.Path, help="write the machine description and the tables as markdown")
+    p.add_argument("--plot", type=pathlib.Path, help="write a PNG of the speed-ups vs eager by batch (matplotlib)")
+    p.add_argument("--save", type=pathlib.Path, metavar="DIR", help="write all four to DIR/DATE-DEVICES.*")
     args = p.parse_args(argv)
 
     known = {"ops": set(CASES), "dtype": set(DTYPES), "device": {"cpu", "cuda"},
@@ -387,30 +534,40 @@ def main(argv: list[str] | None = None) -> None:
     devices = args.device or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if "cuda" in devices and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    budget_s, samples = (0.05, 5) if args.quick else (0.2, 10)
-    torch._logging.set_logs(dynamo=logging.ERROR)  # graph-break warnings: the table reports graph counts
+    if args.save:
+        stem = args.save / f"{time.strftime('%Y-%m-%d')}-{'-'.join(devices)}"
+        args.json, args.csv = args.json or stem.with_suffix(".json"), args.csv or stem.with_suffix(".csv")
+        args.markdown, args.plot = args.markdown or stem.with_suffix(".md"), args.plot or stem.with_suffix(".png")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # fail now, not after the run
+        p.error("--plot needs matplotlib (pip install matplotlib)")
 
     plan = []
     for device in devices:
-        dtypes = args.dtype or (["fp32"] if args.quick else DEFAULT_DTYPES[device])
         for op in args.ops:
             case = CASES[op]
             impls = [i for i in (*BASELINES, *case.impls) if args.impl is None or i in args.impl]
-            batches = args.batch or [b for b in case.batches[device] if not args.quick or b in (1, 32)]
-            for dtype in dtypes:
-                for batch in batches:
+            for dtype in args.dtype or (["fp32"] if args.quick else DEFAULT_DTYPES[device]):
+                for batch in args.batch or (case.quick if args.quick else case.batches[device]):
                     for backward in (False, True) if args.backward else (False,):
                         plan.append((case, torch.device(device), DTYPES[dtype], batch, backward, impls))
+    command = " ".join(["run.py", *(sys.argv[1:] if argv is None else argv)])
+    torch._logging.set_logs(dynamo=logging.ERROR)  # graph-break warnings: the table reports graph counts
+    with tempfile.TemporaryDirectory() as cache_dir:  # cold compiles, as on a fresh machine
+        with unittest.mock.patch.dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir):  # read at each use
+            results, machine = benchmark(plan, devices, args.quick, command)
+    report(results, machine, args)
 
-    machine = {**describe_machine(), "command": " ".join([os.path.basename(sys.argv[0]), *(argv or sys.argv[1:])])}
-    try:
-        from tqdm import tqdm as progress
-    except ImportError:
-        progress = _Counter
-    bar = progress(total=len(devices) + len(plan), file=sys.stderr)
+
+def benchmark(plan: list[tuple], devices: list[str], quick: bool, command: str):
+    """(rows of every plan entry, the machine description)."""
+    budget_s, samples = (0.05, 5) if quick else (0.2, 10)
+    start = time.perf_counter()
+    machine = {**describe_machine(), "command": command}
+    bar = tqdm(total=len(devices) + len(plan), file=sys.stderr)
     for device in devices:
         bar.set_postfix_str(f"limits on {device}")
-        LIMITS[device] = measure_limits(torch.device(device), budget_s, samples)
+        dtypes = list(dict.fromkeys(DTYPE_NAMES[entry[2]] for entry in plan if entry[1].type == device))
+        LIMITS[device] = measure_limits(torch.device(device), dtypes, budget_s, samples)
         bar.update()
     results = []
     for case, device, dtype, batch, backward, impls in plan:
@@ -419,17 +576,21 @@ def main(argv: list[str] | None = None) -> None:
         results += bench_row(case, device, dtype, batch, backward, impls, budget_s, samples)
         bar.update()
     bar.close()
-
+    machine["wall_s"] = time.perf_counter() - start
     loads = [r["other_load_cores"] for r in results if r["other_load_cores"] is not None]
-    if loads:
-        machine["other_load_cores_max"] = max(loads)
+    machine["other_load_cores_max"] = max(loads, default=None)
+    return results, machine
+
+
+def report(results: list[dict], machine: dict, args) -> None:
+    """Print the tables; write the files asked for."""
     text = "\n".join(machine_lines(machine))
-    if loads and max(loads) > 0.2:
-        text += f"\nWARNING: other processes used up to {max(loads):.1f} cores while timing: results are noisy"
-    print(text + "\n\n" + "\n\n".join(render_text(*t) for t in tables(results)))
-    for path in (args.json, args.csv, args.markdown):
-        if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
+    if (machine["other_load_cores_max"] or 0) > 0.2:
+        text += f"\nWARNING: other processes used up to {machine['other_load_cores_max']:.1f} cores while timing"
+    all_tables = summary(results) + tables(results)
+    print(text + "\n\n" + "\n\n".join(render(*t, markdown=False) for t in all_tables))
+    for path in filter(None, (args.json, args.csv, args.markdown, args.plot)):
+        path.parent.mkdir(parents=True, exist_ok=True)
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=1) + "\n")
     if args.csv:
@@ -439,7 +600,9 @@ def main(argv: list[str] | None = None) -> None:
             writer.writerows(results)
     if args.markdown:
         header = "\n".join(f"- {line}" for line in text.splitlines())
-        args.markdown.write_text(header + "\n\n" + "\n\n".join(render_markdown(*t) for t in tables(results)) + "\n")
+        args.markdown.write_text(header + "\n\n" + "\n\n".join(render(*t, markdown=True) for t in all_tables) + "\n")
+    if args.plot:
+        plot(results, args.plot, f"{machine['gpu'] or machine['cpu']}, {machine['date']}")
 
 
 if __name__ == "__main__":

@@ -1,22 +1,85 @@
 """benchmarks/run.py runs, checks every implementation against eager before timing, and reports."""
+import importlib.util
 import json
+import math
 import pathlib
 import subprocess
 import sys
 
+import pytest
+import torch
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="module")
+def bench():
+    """benchmarks/run.py as a module."""
+    spec = importlib.util.spec_from_file_location("lifeiqa_benchmark", ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
 def test_quick_benchmark_runs(tmp_path):
-    out = tmp_path / "bench.json"
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    plot = ["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []  # .ci/run installs it
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--batch", "1", "--device", "cpu",
-         "--json", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--ops", "grid_pool,head", "--batch", "1",
+         "--device", "cpu", "--json", str(out), *plot],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr
     rows = {(r["op"], r["impl"]): r for r in json.loads(out.read_text())["results"]}
-    native = rows[("grid_pool", "native")]
-    assert native["status"] == "ok" and native["max_abs_err"] < 1e-5
-    assert native["median_ms"] > 0 and native["speedup_vs_eager"] > 0 and native["speedup_vs_compile"] > 0
-    assert "grid_pool / cpu / fp32 / forward" in result.stdout
+    # Triton runs on CPU tensors only interpreted: never timed (conftest sets TRITON_INTERPRET=1).
+    assert set(rows) == {("grid_pool", i) for i in ("eager", "compile", "native", "triton")} | {
+        ("head", i) for i in ("eager", "compile", "fused")}
+    assert rows[("grid_pool", "triton")]["status"].startswith("n/a") and "median_ms" not in rows[("grid_pool", "triton")]
+    for op in ("grid_pool", "head"):
+        eager, compiled = rows[(op, "eager")], rows[(op, "compile")]
+        assert compiled["compile_s"] > 0 and compiled["graphs"] >= 1
+        for (row_op, impl), r in rows.items():
+            if row_op != op or impl == "triton":
+                continue
+            assert (r["device"], r["dtype"], r["batch"], r["direction"]) == ("cpu", "fp32", 1, "forward")
+            assert r["status"] == "ok" and r["max_err"] < 1e-5, r
+            assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["samples"] >= 5
+            assert r["gflops"] > 0 and r["gbps"] > 0 and r["limit_fraction"] > 0
+            assert math.isclose(r["speedup_vs_eager"], eager["median_ms"] / r["median_ms"], rel_tol=1e-9)
+            assert math.isclose(r["speedup_vs_compile"], compiled["median_ms"] / r["median_ms"], rel_tol=1e-9)
+    assert "summary / cpu / fp32 / forward" in result.stdout and "head / cpu / fp32 / forward" in result.stdout
+    assert not plot or png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("dtype, backward", [
+    (torch.float32, False),
+    (torch.float32, True),  # the gradients are right, the output is not
+    (torch.bfloat16, False),  # compared with eager in fp32, beside eager's own bf16 error
+], ids=["fp32-forward", "fp32-forward+backward", "bf16-forward"])
+def test_wrong_implementation_is_reported_and_not_timed(bench, monkeypatch, dtype, backward):
+    def build(impl, device, dtype):
+        eager = lambda x: x.mean(dim=(1, 2))  # noqa: E731
+        if impl == "off_by_one":
+            return (lambda x: eager(x) + 1), ()
+        if impl == "raises":
+            def fail(x):
+                raise ValueError("no kernel for this shape")
+            return fail, ()
+        if impl == "missing":
+            raise bench.Unavailable("unavailable: not built")
+        return eager, ()
+
+    case = bench.Case("toy", lambda b, dtype, device: (torch.randn(b, 4, 4, 8, dtype=dtype, device=device),), build,
+                      ("off_by_one", "raises", "missing"), bench.OP_TOLERANCE, batches={"cpu": (2,)}, quick=(2,))
+    monkeypatch.setitem(bench.LIMITS, "cpu", {"gemm_gflops": {"fp32": 100.0, "bf16": 100.0}, "copy_gbps": 10.0})
+    rows = {r["impl"]: r for r in bench.bench_row(case, torch.device("cpu"), dtype, 2, backward,
+                                                   ["eager", "off_by_one", "raises", "missing"], 0.01, 5)}
+    assert rows["eager"]["status"] == "ok" and rows["eager"]["median_ms"] > 0 and rows["eager"]["max_err"] < 1e-2
+    assert rows["off_by_one"]["status"].startswith("mismatch")
+    assert rows["off_by_one"]["max_err"] == pytest.approx(1.0, abs=1e-2)
+    assert rows["raises"]["status"] == "error: ValueError: no kernel for this shape"
+    assert rows["missing"]["status"] == "unavailable: not built"
+    for impl in ("off_by_one", "raises", "missing"):
+        assert "median_ms" not in rows[impl], rows[impl]

@@ -39,9 +39,9 @@ from torch.utils.flop_counter import flop_registry
 from tqdm import tqdm  # a dependency of timm's
 
 import lifeiqa_fast
-from lifeiqa_fast.ops import grid_pool
+from lifeiqa_fast.ops import gcn, grid_pool
 from lifeiqa_fast.ops._impl import choose, triton_interpreted
-from lifeiqa_fast.reference import grid_pool_ref
+from lifeiqa_fast.reference import fixed_adjacency, gcn_ref, grid_pool_ref
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -98,7 +98,16 @@ class Case:
     cost: Callable[..., tuple[float, float]] = _counted_cost
 
 
-GRID = 7  # Life-IQA pools the stage-3 map onto a 7 x 7 grid
+def _check_timeable(op: str, impl: str, device: torch.device) -> None:
+    """Raises Unavailable, saying why, if `impl` of `op` cannot run (or is not worth timing) on device."""
+    if impl == "triton" and device.type == "cpu":
+        # Triton on CPU tensors runs only interpreted, orders of magnitude too slow to be worth timing.
+        raise Unavailable("n/a (interpreted: too slow to time)" if triton_interpreted() else
+                          "n/a (CPU needs TRITON_INTERPRET)")
+    try:
+        choose(op, device.type, impl)
+    except RuntimeError as exc:
+        raise Unavailable(f"unavailable: {exc}") from None
 
 
 def _stage_maps(batch: int, dtype: torch.dtype, device: torch.device, stages=(3, 4)) -> tuple:
@@ -107,22 +116,14 @@ def _stage_maps(batch: int, dtype: torch.dtype, device: torch.device, stages=(3,
     return tuple(torch.randn(shapes[s], dtype=dtype, device=device) for s in stages)
 
 
-def _grid_pool_eager(x):
-    # The authors permute + copy the NHWC map to NCHW, then slice 49 bins with .item()-driven edges.
-    return grid_pool_ref(x.permute(0, 3, 1, 2).contiguous(), GRID)  # (B, 49, 512)
+GRID = 7  # Life-IQA pools the stage-3 map onto a 7 x 7 grid
 
 
 def _grid_pool_build(impl: str, device: torch.device, dtype: torch.dtype):
     if impl == "eager":
-        return _grid_pool_eager, ()
-    if impl == "triton" and device.type == "cpu":
-        # Triton on CPU tensors runs only interpreted, orders of magnitude too slow to be worth timing.
-        raise Unavailable("n/a (interpreted: too slow to time)" if triton_interpreted() else
-                          "n/a (CPU needs TRITON_INTERPRET)")
-    try:
-        choose("grid_pool", device.type, impl)  # raises when impl cannot run on this device, saying why
-    except RuntimeError as exc:
-        raise Unavailable(f"unavailable: {exc}") from None
+        # The authors permute + copy the NHWC map to NCHW, then slice 49 bins with .item()-driven edges.
+        return (lambda x: grid_pool_ref(x.permute(0, 3, 1, 2).contiguous(), GRID)), ()
+    _check_timeable("grid_pool", impl, device)
     return (lambda x: grid_pool(x, GRID, impl=impl)), ()
 
 
@@ -135,6 +136,24 @@ def _grid_pool_cost(args, outs, params, backward, counted):
     if backward:
         flop, elems = flop + x.numel(), elems + out.numel() + x.numel()
     return flop, elems * x.element_size()
+
+
+QUERIES = 6  # Life-IQA's N query tokens
+
+
+def _gcn_inputs(batch: int, dtype: torch.dtype, device: torch.device, dim=384) -> tuple:
+    """One decoder layer's GCN: x (B, 6, 384), then w1 (384, 192), b1, w2 (192, 96), b2, w3 (96, 384), b3."""
+    sizes = (dim, dim // 2, dim // 4, dim)
+    weights = [t for i, o in zip(sizes, sizes[1:]) for t in (torch.randn(i, o) * i**-0.5, torch.randn(o) * 0.1)]
+    return tuple(t.to(device, dtype) for t in (torch.randn(batch, QUERIES, dim), *weights))
+
+
+def _gcn_build(impl: str, device: torch.device, dtype: torch.dtype):
+    if impl == "eager":  # the dense fixed graph (J + I) / (N + 1), made once, applied with bmm as the authors do
+        adj = fixed_adjacency(QUERIES, dtype, device)
+        return (lambda x, *weights: gcn_ref(x, adj, *weights)), ()
+    _check_timeable("gcn", impl, device)
+    return (lambda x, *weights: gcn(x, None, *weights, impl=impl)), ()  # None: the same graph, in closed form
 
 
 # The model of the head and model rows: the default Swin-B backbone (random weights) and head.
@@ -156,15 +175,11 @@ def _lifeiqa(impl: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Mo
     return model
 
 
-def _head_build(impl, device, dtype):
+def _lifeiqa_build(impl, device, dtype, head: bool):
+    """forward_head and the head's parameters, or the model and all of them."""
     model = _lifeiqa(impl, device, dtype)
-    backbone = {id(p) for p in model.pretrain_model.parameters()}
-    return model.forward_head, tuple(p for p in model.parameters() if id(p) not in backbone)
-
-
-def _model_build(impl, device, dtype):
-    model = _lifeiqa(impl, device, dtype)
-    return model, tuple(model.parameters())
+    backbone = {id(p) for p in model.pretrain_model.parameters()} if head else set()
+    return model.forward_head if head else model, tuple(p for p in model.parameters() if id(p) not in backbone)
 
 
 def _loss_gradients(outs):
@@ -173,24 +188,28 @@ def _loss_gradients(outs):
     return torch.ones_like(score), torch.full_like(aux, 0.01), torch.full_like(z, 0.001)
 
 
-# Tolerances of max_err. grid_pool: fp32 differs from eager only by summation order; fp16/bf16 means
-# are rounded to 11/8 bits, and eager and the kernels may round intermediate sums differently.
-# head/model: fp32 sums in another order through four decoder layers and the pool-first projection
-# (seen: 3e-6 on scores and gradients). In bf16 a weight gradient summed over tokens in another
-# order may be off by a few % of its largest element (seen: 3.5% for torch.compile's, at batch 1).
-OP_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+# Tolerances of max_err (see compare()). grid_pool: fp32 differs from eager only by summation order;
+# fp16/bf16 means are rounded to 11/8 bits, and eager and the kernels may round intermediate sums
+# differently. gcn, head, model: fp32 sums in another order (the graph in closed form, projecting
+# after pooling) through three layers or four decoder layers (seen: 1e-6 for gcn, 3e-6 for the head's
+# scores and gradients). In bf16 a weight gradient summed over tokens in another order may be off by
+# a few % of its largest element (seen: 3.5% for torch.compile's head, at batch 1).
+GRID_POOL_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+GCN_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 MODEL_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+OP_BATCHES = {"cpu": (1, 8, 32, 64), "cuda": (1, 8, 32, 64, 256)}  # 32: the project's targets are quoted there
 
 CASES = {case.op: case for case in (
     Case("grid_pool", functools.partial(_stage_maps, stages=(3,)), _grid_pool_build, ("native", "triton"),
-         OP_TOLERANCE, batches={"cpu": (1, 8, 32, 64), "cuda": (1, 8, 32, 64, 256)}, quick=(1, 32),
-         cost=_grid_pool_cost),
-    Case("head", _stage_maps, _head_build, tuple(MODEL_IMPLS), MODEL_TOLERANCE,
-         batches={"cpu": (1, 8, 64), "cuda": (1, 8, 64, 256)}, quick=(1,), grad_outputs=_loss_gradients),
+         GRID_POOL_TOLERANCE, OP_BATCHES, quick=(1, 32), cost=_grid_pool_cost),
+    Case("gcn", _gcn_inputs, _gcn_build, ("native", "triton"), GCN_TOLERANCE, OP_BATCHES, quick=(1, 32)),
+    Case("head", _stage_maps, functools.partial(_lifeiqa_build, head=True), tuple(MODEL_IMPLS), MODEL_TOLERANCE,
+         {"cpu": (1, 8, 64), "cuda": (1, 8, 64, 256)}, quick=(1,), grad_outputs=_loss_gradients),
     # Swin-B costs ~0.2 s per image on a 2-core CPU and torch.compile of it ~1 min per shape there.
-    Case("model", lambda b, dt, dev: (torch.randn(b, 3, 224, 224, dtype=dt, device=dev),), _model_build,
-         tuple(MODEL_IMPLS), MODEL_TOLERANCE, batches={"cpu": (1, 8), "cuda": (1, 8, 64, 256)}, quick=(),
-         grad_outputs=_loss_gradients),
+    Case("model", lambda b, dt, dev: (torch.randn(b, 3, 224, 224, dtype=dt, device=dev),),
+         functools.partial(_lifeiqa_build, head=False), tuple(MODEL_IMPLS), MODEL_TOLERANCE,
+         {"cpu": (1, 8), "cuda": (1, 8, 64, 256)}, quick=(), grad_outputs=_loss_gradients),
 )}
 
 

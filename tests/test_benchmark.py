@@ -72,7 +72,7 @@ def test_wrong_implementation_is_reported_and_not_timed(bench, monkeypatch, dtyp
         return eager, ()
 
     case = bench.Case("toy", lambda b, dtype, device: (torch.randn(b, 4, 4, 8, dtype=dtype, device=device),), build,
-                      ("off_by_one", "raises", "missing"), bench.OP_TOLERANCE, batches={"cpu": (2,)}, quick=(2,))
+                      ("off_by_one", "raises", "missing"), bench.GRID_POOL_TOLERANCE, batches={"cpu": (2,)}, quick=(2,))
     monkeypatch.setitem(bench.LIMITS, "cpu", {"gemm_gflops": {"fp32": 100.0, "bf16": 100.0}, "copy_gbps": 10.0})
     rows = {r["impl"]: r for r in bench.bench_row(case, torch.device("cpu"), dtype, 2, backward,
                                                    ["eager", "off_by_one", "raises", "missing"], 0.01, 5)}

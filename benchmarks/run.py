@@ -310,9 +310,15 @@ def compare(got: tuple, ref: tuple, eager: tuple, tolerance: float) -> tuple[flo
     return worst, ok
 
 
+def _failure(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+
+
 def bench_row(case: Case, device: torch.device, dtype: torch.dtype, batch: int, backward: bool,
               impls: list[str], budget_s: float, samples: int) -> list[dict]:
     """Check, then time, every implementation on one (device, dtype, batch, direction)."""
+    base = {"op": case.op, "device": device.type, "dtype": DTYPE_NAMES[dtype], "batch": batch,
+            "direction": "forward+backward" if backward else "forward", "other_load_cores": None}
     torch.manual_seed(0)
     inputs = case.make_inputs(batch, dtype, device)
     if backward:
@@ -332,14 +338,18 @@ def bench_row(case: Case, device: torch.device, dtype: torch.dtype, batch: int, 
         return outs, grads
 
     with torch.no_grad() if not backward else contextlib.nullcontext():
-        eager, params = case.build("eager", device, dtype)
-        with FlopCount() as counter:
-            want = call(eager, params)
+        try:
+            eager, params = case.build("eager", device, dtype)
+            with FlopCount() as counter:
+                want = call(eager, params)
+            ref = want
+            if dtype != torch.float32:  # the fp32 truth that low-precision outputs are measured against
+                fn32, params32 = case.build("eager", device, torch.float32)
+                ref = call(fn32, params32, tuple(t.detach().float().requires_grad_(backward) for t in inputs))
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: reported in the table, the run goes on
+            return [{**base, "impl": name, "status": f"not run: eager {_failure(exc)}", "max_err": None}
+                    for name in impls]
         flop, nbytes = case.cost(inputs, want[0], params, backward, counter.total)
-        ref = want
-        if dtype != torch.float32:  # the fp32 truth that low-precision outputs are measured against
-            fn32, params32 = case.build("eager", device, torch.float32)
-            ref = call(fn32, params32, tuple(t.detach().float().requires_grad_(backward) for t in inputs))
         ref, want_all = ref[0] + ref[1], want[0] + want[1]
         fns, rows = {}, {}
         for name in impls:
@@ -362,9 +372,7 @@ def bench_row(case: Case, device: torch.device, dtype: torch.dtype, batch: int, 
                 row["status"] = str(exc)
                 continue
             except Exception as exc:  # noqa: BLE001 - reported in the table, the run goes on
-                first_line = (str(exc).strip().splitlines() or [""])[0][:160]
-                what = "compile failed" if name == "compile" else "error"
-                row["status"] = f"{what}: {type(exc).__name__}: {first_line}"
+                row["status"] = f"{'compile failed' if name == 'compile' else 'error'}: {_failure(exc)}"
                 continue
             row["max_err"], ok = compare(got[0] + got[1], ref, want_all, case.tolerance[dtype])
             if not ok:
@@ -376,8 +384,7 @@ def bench_row(case: Case, device: torch.device, dtype: torch.dtype, batch: int, 
         with foreign_load() as load:
             times = measure(fns, device, budget_s, samples) if fns else {}
 
-    base = {"op": case.op, "device": device.type, "dtype": DTYPE_NAMES[dtype], "batch": batch,
-            "direction": "forward+backward" if backward else "forward", "other_load_cores": load["cores"]}
+    base["other_load_cores"] = load["cores"]
     medians, limits = {name: quantiles(t)[0] for name, t in times.items()}, LIMITS[device.type]
     result = []
     for name, row in rows.items():

@@ -83,3 +83,18 @@ def test_wrong_implementation_is_reported_and_not_timed(bench, monkeypatch, dtyp
     assert rows["missing"]["status"] == "unavailable: not built"
     for impl in ("off_by_one", "raises", "missing"):
         assert "median_ms" not in rows[impl], rows[impl]
+
+
+def test_failing_eager_reports_the_row_and_the_run_goes_on(bench):
+    def build(impl, device, dtype):
+        def fail(x):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 9 GiB")
+        return fail, ()
+
+    case = bench.Case("toy", lambda b, dtype, device: (torch.randn(b, 3, dtype=dtype, device=device),), build,
+                      ("native",), bench.GRID_POOL_TOLERANCE, batches={"cpu": (1,)}, quick=(1,))
+    rows = bench.bench_row(case, torch.device("cpu"), torch.float32, 1, False, ["eager", "compile", "native"], 0.01, 5)
+    assert [r["impl"] for r in rows] == ["eager", "compile", "native"]
+    for r in rows:
+        assert r["status"] == "not run: eager RuntimeError: CUDA out of memory. Tried to allocate 9 GiB"
+        assert "median_ms" not in r and r["batch"] == 1 and r["op"] == "toy"

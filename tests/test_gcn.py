@@ -4,7 +4,7 @@ import torch
 from lifeiqa_fast import ops
 from lifeiqa_fast.reference import fixed_adjacency, gcn_ref
 
-from helpers import assert_matches_reference, dtypes_for, impl_params
+from helpers import assert_matches_reference, dtypes_for, impl_params, tolerance
 
 # (atol, rtol, slack) per dtype, forward and backward. fp32: the kernels sum in another order than
 # the reference's bmm (and the fixed graph in closed form), a few ulps through three layers. bf16/fp16:
@@ -68,8 +68,7 @@ def test_matches_reference(impl_device, case):
         leaves64 = [t.detach().double().requires_grad_() for t in leaves]
         x64, w64, adj64 = leaves64[0], leaves64[1:7], (leaves64[7] if adj is not None else None)
         truth = _reference(x64, adj64, w64)
-        interpreted = impl == "triton" and device == "cpu"
-        tol = INTERPRETER_TOLERANCE[dtype] if interpreted and dtype in INTERPRETER_TOLERANCE else TOLERANCE[dtype]
+        tol = tolerance(TOLERANCE, INTERPRETER_TOLERANCE, impl, device, dtype)
         assert_matches_reference(out, ref, truth, tol["forward"], f"{impl} {device} {dtype} forward")
 
         dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)

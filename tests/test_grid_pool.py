@@ -7,7 +7,7 @@ from lifeiqa_fast import ops
 from lifeiqa_fast.ops import _impl
 from lifeiqa_fast.reference import grid_pool_ref
 
-from helpers import assert_matches_reference, dtypes_for, impl_params
+from helpers import assert_matches_reference, dtypes_for, impl_params, tolerance
 
 # (atol, rtol, slack) per dtype, forward and backward. A bin mean is a short fp32 sum rounded once:
 # fp32 differs from the float64 truth by summation order only; in bf16/fp16 the kernels round once
@@ -58,8 +58,7 @@ def test_matches_reference(impl_device, shape, layout):
         x64 = x.detach().double().requires_grad_()
         truth = grid_pool_ref(_nchw(x64, layout), grid)
         ref = grid_pool_ref(_nchw(x.detach(), layout), grid)
-        interpreted = impl == "triton" and device == "cpu"
-        tol = INTERPRETER_TOLERANCE[dtype] if interpreted and dtype in INTERPRETER_TOLERANCE else TOLERANCE[dtype]
+        tol = tolerance(TOLERANCE, INTERPRETER_TOLERANCE, impl, device, dtype)
         assert_matches_reference(out, ref, truth, tol["forward"], f"{impl} {device} {dtype} forward")
 
         dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

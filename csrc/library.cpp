@@ -16,4 +16,11 @@ TORCH_LIBRARY(lifeiqa_fast, m) {
   // activations being what the backward needs.
   m.def("gcn(Tensor x, Tensor? adj, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3)"
         " -> (Tensor, Tensor, Tensor)");
+  // x: (B, Nq, D) contiguous; kv: (B, Nk, 2, D) projected keys and values, last dimension contiguous;
+  // norm_weight, norm_bias, q_bias, out_bias (D,); q_weight, out_weight (D, D) nn.Linear layout.
+  // Returns (x + out_proj(MHA(LayerNorm(x) q_weight^T + q_bias, K, V)), q, o, lse, stats): see
+  // csrc/cross_attention.h for what the last four hold.
+  m.def("cross_attention(Tensor x, Tensor kv, Tensor norm_weight, Tensor norm_bias, Tensor q_weight, "
+        "Tensor q_bias, Tensor out_weight, Tensor out_bias, int num_heads, float eps)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

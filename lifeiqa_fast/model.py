@@ -72,7 +72,7 @@ class DecoderLayer(nn.Module):
         x = gcn(x, self.adj, g.gcn1.weight, g.gcn1.bias, g.gcn2.weight, g.gcn2.bias, g.gcn3.weight, g.gcn3.bias,
                 impl=self.impl)
         attn = self.multihead_attn
-        return reference.cross_attention_ref(
+        return reference.mha_ref(
             x, memory, self.norm2.weight, self.norm2.bias, attn.in_proj_weight, attn.in_proj_bias,
             attn.out_proj.weight, attn.out_proj.bias, attn.num_heads, self.norm2.eps,
         )

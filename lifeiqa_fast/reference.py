@@ -57,7 +57,7 @@ def gcn_ref(x: Tensor, adj: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tens
     return x + h
 
 
-def cross_attention_ref(
+def mha_ref(
     x: Tensor,
     memory: Tensor,
     norm_weight: Tensor,
@@ -69,7 +69,8 @@ def cross_attention_ref(
     num_heads: int,
     eps: float = 1e-5,
 ) -> Tensor:
-    """x + MHA(LayerNorm(x), memory, memory), torch.nn.MultiheadAttention semantics, dropout 0.
+    """One official decoder layer's attention: x + MHA(LayerNorm(x), memory, memory), the module's own
+    call (torch.nn.MultiheadAttention semantics, dropout 0), keys and values projected from memory.
 
     x: (B, Nq, D); memory: (B, Nk, D), keys and values un-normed; in_proj_weight (3D, D) packed q, k, v;
     in_proj_bias (3D,); out_weight (D, D); out_bias (D,). Returns (B, Nq, D).
@@ -82,6 +83,33 @@ def cross_attention_ref(
         out_weight, out_bias, training=False, need_weights=False,
     )
     return x + out.transpose(0, 1)
+
+
+def cross_attention_ref(
+    x: Tensor,
+    kv: Tensor,
+    norm_weight: Tensor,
+    norm_bias: Tensor,
+    q_weight: Tensor,
+    q_bias: Tensor,
+    out_weight: Tensor,
+    out_bias: Tensor,
+    num_heads: int,
+    eps: float = 1e-5,
+) -> Tensor:
+    """mha_ref with the keys and values already projected: the same ATen calls MultiheadAttention
+    makes after its input projection (the q projection, scaled_dot_product_attention, out_proj).
+
+    x: (B, Nq, D); kv: (B, Nk, 2, D), kv[:, :, 0] the keys and kv[:, :, 1] the values (memory @ the k and
+    v rows of in_proj_weight, plus their biases); q_weight (D, D), q_bias (D,): the q rows of in_proj.
+    Returns (B, Nq, D) = x + out_proj(softmax(q k^T / sqrt(D / num_heads)) v), heads split along D.
+    """
+    B, Nq, D = x.shape
+    hd = D // num_heads
+    q = F.linear(F.layer_norm(x, (D,), norm_weight, norm_bias, eps), q_weight, q_bias)
+    heads = lambda t: t.reshape(B, -1, num_heads, hd).transpose(1, 2)  # noqa: E731  (B, H, N, hd)
+    o = F.scaled_dot_product_attention(heads(q), heads(kv[:, :, 0]), heads(kv[:, :, 1]))  # (B, H, Nq, hd)
+    return x + F.linear(o.transpose(1, 2).reshape(B, Nq, D), out_weight, out_bias)
 
 
 def moe_ref(

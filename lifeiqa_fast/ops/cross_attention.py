@@ -1,0 +1,152 @@
+"""cross_attention: one decoder layer's LayerNorm, query projection, attention to the projected memory
+and output projection (SPEC step 4, second bullet), fused.
+
+Public function, the Triton op, fake implementations and the autograd formula. The schema of the
+native op lives in csrc/library.cpp (its contract in csrc/cross_attention.h), its kernels in
+csrc/cross_attention.cpp (CPU) and kernels/cross_attention.cu (CUDA), the Triton kernel in
+lifeiqa_fast/triton/cross_attention.py and the reference in lifeiqa_fast/reference.py.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+from ..reference import cross_attention_ref
+from ..triton import cross_attention as _triton
+from ._impl import resolve
+
+MAX_QUERIES = 64  # csrc/cross_attention.h, kAttnMaxQueries
+MAX_HEAD_DIM = 128  # csrc/cross_attention.h, kAttnMaxHeadDim
+
+
+def cross_attention(x: Tensor, kv: Tensor, norm_weight: Tensor, norm_bias: Tensor, q_weight: Tensor,
+                    q_bias: Tensor, out_weight: Tensor, out_bias: Tensor, num_heads: int, eps: float = 1e-5,
+                    impl: str | None = None) -> Tensor:
+    """x + out_proj(MHA(LayerNorm(x) q_weight^T + q_bias, K, V)): torch.nn.MultiheadAttention semantics
+    (scores scaled by 1/sqrt(head_dim), softmax in fp32, dropout 0) with the keys and values given.
+
+    x: (B, Nq, D), 1 <= Nq <= 64; kv: (B, Nk, 2, D), Nk >= 1: kv[:, :, 0] the keys and kv[:, :, 1] the
+    values, already projected (memory @ the k and v rows of in_proj_weight, plus their biases; a strided
+    view such as one layer's slice of all layers' keys and values is read in place when its last
+    dimension is contiguous); norm_weight, norm_bias (D,): the LayerNorm; q_weight (D, D), q_bias (D,):
+    the q rows of in_proj; out_weight (D, D), out_bias (D,): out_proj. num_heads divides D into heads
+    of at most 128 channels. All of x's dtype (float16, bfloat16, float32, float64) and device. Returns
+    (B, Nq, D), differentiable in every tensor. impl: "auto", "reference", "native", "triton", or None
+    for the process-wide default.
+    """
+    _check(x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias, num_heads, eps)
+    which = resolve("cross_attention", x, impl)
+    args = (norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias)
+    if which == "reference":
+        return cross_attention_ref(x, kv, *args, num_heads, eps)
+    op = torch.ops.lifeiqa_fast.cross_attention if which == "native" else cross_attention_triton
+    kv = kv if kv.stride(-1) == 1 else kv.contiguous()
+    return op(x.contiguous(), kv, *(t.contiguous() for t in args), num_heads, float(eps))[0]
+
+
+def _check(x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias, num_heads, eps) -> None:
+    tensors = dict(x=x, kv=kv, norm_weight=norm_weight, norm_bias=norm_bias, q_weight=q_weight, q_bias=q_bias,
+                   out_weight=out_weight, out_bias=out_bias)
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"lifeiqa_fast.cross_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"lifeiqa_fast.cross_attention: x must have shape (B, Nq, D), got {tuple(x.shape)}")
+    B, Nq, D = x.shape
+    if not 1 <= Nq <= MAX_QUERIES:
+        raise ValueError(f"lifeiqa_fast.cross_attention: x must have 1 <= Nq <= {MAX_QUERIES} query tokens, "
+                         f"got Nq={Nq}")
+    if not x.is_floating_point():
+        raise TypeError(f"lifeiqa_fast.cross_attention: x must be a floating tensor, got {x.dtype}")
+    if not isinstance(num_heads, int) or num_heads < 1 or D % num_heads or D // num_heads > MAX_HEAD_DIM:
+        raise ValueError(f"lifeiqa_fast.cross_attention: num_heads must be an int dividing D={D} into heads of "
+                         f"at most {MAX_HEAD_DIM} channels, got {num_heads!r}")
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"lifeiqa_fast.cross_attention: eps must be a positive number, got {eps!r}")
+    if kv.dim() != 4 or kv.shape[0] != B or kv.shape[1] < 1 or kv.shape[2] != 2 or kv.shape[3] != D:
+        raise ValueError(f"lifeiqa_fast.cross_attention: kv must have shape (B, Nk, 2, D) with B={B}, Nk >= 1, "
+                         f"D={D}, got {tuple(kv.shape)}")
+    expected = dict(norm_weight=(D,), norm_bias=(D,), q_weight=(D, D), q_bias=(D,), out_weight=(D, D),
+                    out_bias=(D,))
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"lifeiqa_fast.cross_attention: {name} must have shape {shape}, "
+                             f"got {tuple(tensors[name].shape)}")
+    for name, t in tensors.items():
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"lifeiqa_fast.cross_attention: {name} must have x's dtype and device "
+                             f"({x.dtype}, {x.device}), got ({t.dtype}, {t.device})")
+
+
+@torch.library.custom_op("lifeiqa_fast::cross_attention_triton", mutates_args=())
+def cross_attention_triton(x: Tensor, kv: Tensor, norm_weight: Tensor, norm_bias: Tensor, q_weight: Tensor,
+                           q_bias: Tensor, out_weight: Tensor, out_bias: Tensor, num_heads: int,
+                           eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The Triton kernel as an op, with the native op's schema: -> (out, q, o, lse, stats)."""
+    return _triton.cross_attention_forward(x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias,
+                                           num_heads, eps)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake(x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias, num_heads, eps):
+    B, Nq, D = x.shape
+    acc = _acc_dtype(x.dtype)
+    return (x.new_empty(B, Nq, D), x.new_empty(B, Nq, D), x.new_empty(B, Nq, D),
+            x.new_empty(B, num_heads, Nq, dtype=acc), x.new_empty(B, Nq, 2, dtype=acc))
+
+
+def _setup_context(ctx, inputs, output):
+    x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias, num_heads, eps = inputs
+    _, q, o, lse, stats = output
+    ctx.mark_non_differentiable(q, o, lse, stats)
+    ctx.save_for_backward(x, kv, norm_weight, norm_bias, q_weight, out_weight, q, o, lse, stats)
+    ctx.num_heads = num_heads
+
+
+def _backward(ctx, grad, *_unused):
+    """Adjoint of out = x + o Wo^T + bo, o_h = P_h V_h, P_h = softmax(q_h K_h^T s), q = xn Wq^T + bq,
+    xn = xhat g + b, xhat = (x - mean) rstd; P recomputed from the saved log-sum-exp. With do = dout Wo:
+    dV_h = P_h^T do_h, dS_h = P_h * (do_h V_h^T - rowsum(do_h * o_h)) s, dq_h = dS_h K_h, dK_h = dS_h^T q_h,
+    dWq = dq^T xn, dxn = dq Wq, dx = dout + rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) with
+    dxhat = dxn g. Composite ATen ops in fp32 (fp64 for fp64), batched over images and heads."""
+    x, kv, norm_weight, norm_bias, q_weight, out_weight, q, o, lse, stats = ctx.saved_tensors
+    acc = _acc_dtype(x.dtype)
+    B, Nq, D = x.shape
+    H = ctx.num_heads
+    hd = D // H
+    f = lambda t: t.to(acc)  # noqa: E731
+    heads = lambda t: f(t).reshape(B, -1, H, hd).transpose(1, 2)  # noqa: E731  (B, N, D) -> (B, H, N, hd)
+    merge = lambda t: t.transpose(1, 2).reshape(B, -1, D)  # noqa: E731  (B, H, N, hd) -> (B, N, D)
+    flat = lambda t: t.reshape(-1, D)  # noqa: E731
+    g = f(grad)
+    do = g @ f(out_weight)
+    qh, kh, vh, oh, doh = heads(q), heads(kv[:, :, 0]), heads(kv[:, :, 1]), heads(o), heads(do)
+    scale = hd**-0.5
+    p = torch.exp(qh @ kh.transpose(-1, -2) * scale - lse.unsqueeze(-1))  # (B, H, Nq, Nk)
+    dv = p.transpose(-1, -2) @ doh
+    ds = p * (doh @ vh.transpose(-1, -2) - (doh * oh).sum(-1, keepdim=True)) * scale
+    dq = merge(ds @ kh)
+    dkv = torch.stack((merge(ds.transpose(-1, -2) @ qh), merge(dv)), dim=2)
+    mean, rstd = stats[..., :1], stats[..., 1:]
+    xhat = (f(x) - mean) * rstd
+    dxn = dq @ f(q_weight)
+    dxhat = dxn * f(norm_weight)
+    dx = g + rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    xn = xhat * f(norm_weight) + f(norm_bias)
+    grads = (dx, dkv, (dxn * xhat).sum((0, 1)), dxn.sum((0, 1)), flat(dq).T @ flat(xn), dq.sum((0, 1)),
+             flat(g).T @ flat(f(o)), g.sum((0, 1)))
+    return (*(d.to(x.dtype) for d in grads), None, None)
+
+
+def _register(forward_op) -> None:
+    torch.library.register_fake(forward_op)(_fake)
+    torch.library.register_autograd(forward_op, _backward, setup_context=_setup_context)
+
+
+_register(cross_attention_triton)
+if _ext.LOADED:
+    _register(torch.ops.lifeiqa_fast.cross_attention.default)

@@ -107,7 +107,7 @@ def cross_attention_ref(
     B, Nq, D = x.shape
     hd = D // num_heads
     q = F.linear(F.layer_norm(x, (D,), norm_weight, norm_bias, eps), q_weight, q_bias)
-    heads = lambda t: t.reshape(B, -1, num_heads, hd).transpose(1, 2)  # noqa: E731  (B, H, N, hd)
+    heads = lambda t: t.reshape(B, t.shape[1], num_heads, hd).transpose(1, 2)  # noqa: E731  (B, H, N, hd)
     o = F.scaled_dot_product_attention(heads(q), heads(kv[:, :, 0]), heads(kv[:, :, 1]))  # (B, H, Nq, hd)
     return x + F.linear(o.transpose(1, 2).reshape(B, Nq, D), out_weight, out_bias)
 

@@ -40,9 +40,15 @@ def cross_attention(x: Tensor, kv: Tensor, norm_weight: Tensor, norm_bias: Tenso
     args = (norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias)
     if which == "reference":
         return cross_attention_ref(x, kv, *args, num_heads, eps)
-    op = torch.ops.lifeiqa_fast.cross_attention if which == "native" else cross_attention_triton
+    op = cross_attention_op(which)
     kv = kv if kv.stride(-1) == 1 else kv.contiguous()
     return op(x.contiguous(), kv, *(t.contiguous() for t in args), num_heads, float(eps))[0]
+
+
+def cross_attention_op(impl: str):
+    """The raw op of "native" or "triton", with the schema of csrc/library.cpp: (x, kv, norm_weight,
+    norm_bias, q_weight, q_bias, out_weight, out_bias, num_heads, eps) -> (out, q, o, lse, stats)."""
+    return torch.ops.lifeiqa_fast.cross_attention.default if impl == "native" else cross_attention_triton
 
 
 def _check(x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias, num_heads, eps) -> None:
@@ -119,8 +125,8 @@ def _backward(ctx, grad, *_unused):
     H = ctx.num_heads
     hd = D // H
     f = lambda t: t.to(acc)  # noqa: E731
-    heads = lambda t: f(t).reshape(B, -1, H, hd).transpose(1, 2)  # noqa: E731  (B, N, D) -> (B, H, N, hd)
-    merge = lambda t: t.transpose(1, 2).reshape(B, -1, D)  # noqa: E731  (B, H, N, hd) -> (B, N, D)
+    heads = lambda t: f(t).reshape(B, t.shape[1], H, hd).transpose(1, 2)  # noqa: E731  -> (B, H, N, hd)
+    merge = lambda t: t.transpose(1, 2).reshape(B, t.shape[2], D)  # noqa: E731  -> (B, N, D)
     flat = lambda t: t.reshape(-1, D)  # noqa: E731
     g = f(grad)
     do = g @ f(out_weight)

@@ -1,0 +1,164 @@
+// CPU kernel of lifeiqa_fast::cross_attention: one decoder layer's LayerNorm, query projection,
+// attention to the projected keys and values, and output projection.
+//
+// The two projections are GEMMs over all B * Nq query rows (one BLAS call each, where the module runs
+// them per layer on a (Nq, B, D) view); the LayerNorm and the attention are hand-written loops:
+// LayerNorm one pass per row with its statistics kept for the backward, attention one task per
+// (image, head) that reads each key and value once for all query rows, softmax in fp32.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "cpu.h"
+#include "cross_attention.h"
+
+namespace lifeiqa_fast {
+namespace {
+
+template <typename scalar_t>
+using acc_type = at::opmath_type<scalar_t>;  // float for float, half and bfloat16; double for double
+
+// Rows [begin, end) of x (rows, D): xn = (x - mean) * rstd * weight + bias in x's dtype (what
+// F.layer_norm returns), stats[row] = (mean, rstd), the variance biased.
+template <typename scalar_t>
+LIFEIQA_CPU_CLONES void layer_norm_rows(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
+                                        const scalar_t* __restrict__ bias, int64_t begin, int64_t end, int64_t D,
+                                        acc_type<scalar_t> eps, scalar_t* __restrict__ xn,
+                                        acc_type<scalar_t>* __restrict__ stats) {
+  using acc_t = acc_type<scalar_t>;
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* __restrict__ row = x + r * D;
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < D; ++c) sum += static_cast<acc_t>(row[c]);
+    const acc_t mean = sum / static_cast<acc_t>(D);
+    acc_t sq = 0;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t c = 0; c < D; ++c) {
+      const acc_t d = static_cast<acc_t>(row[c]) - mean;
+      sq += d * d;
+    }
+    const acc_t rstd = acc_t(1) / std::sqrt(sq / static_cast<acc_t>(D) + eps);
+    for (int64_t c = 0; c < D; ++c) {
+      const acc_t v = (static_cast<acc_t>(row[c]) - mean) * rstd;
+      xn[r * D + c] = static_cast<scalar_t>(v * static_cast<acc_t>(weight[c]) + static_cast<acc_t>(bias[c]));
+    }
+    stats[2 * r] = mean;
+    stats[2 * r + 1] = rstd;
+  }
+}
+
+struct Attend {
+  int64_t Nq, Nk, D, H, hd;
+  int64_t kv_b, kv_n, kv_t;  // kv strides over images, keys, and key/value
+};
+
+// One (image, head) task: o_h = softmax(q_h K_h^T / sqrt(hd)) V_h for all Nq rows, lse per row.
+// q, o: the image's (Nq, D) rows; k, v: the image's first key and value, heads offset applied.
+// buf: Nq * (hd + Nk + hd) accumulators (q rows, scores, output rows).
+// Example, one key: every score's softmax weight is 1, so o = v and lse = that score.
+template <typename scalar_t>
+LIFEIQA_CPU_CLONES void attend_head(const Attend& p, const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
+                                    const scalar_t* __restrict__ v, scalar_t* __restrict__ o,
+                                    acc_type<scalar_t>* __restrict__ lse, acc_type<scalar_t>* __restrict__ buf) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t Nq = p.Nq, Nk = p.Nk, hd = p.hd;
+  acc_t* __restrict__ qa = buf;                // (Nq, hd)
+  acc_t* __restrict__ s = buf + Nq * hd;       // (Nq, Nk)
+  acc_t* __restrict__ acc = s + Nq * Nk;       // (Nq, hd)
+  const acc_t scale = acc_t(1) / std::sqrt(static_cast<acc_t>(hd));
+  for (int64_t i = 0; i < Nq; ++i)
+    for (int64_t c = 0; c < hd; ++c) qa[i * hd + c] = static_cast<acc_t>(q[i * p.D + c]);
+  for (int64_t j = 0; j < Nk; ++j) {  // scores, each key read once for all rows
+    const scalar_t* __restrict__ kj = k + j * p.kv_n;
+    for (int64_t i = 0; i < Nq; ++i) {
+      const acc_t* __restrict__ qi = qa + i * hd;
+      acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < hd; ++c) dot += qi[c] * static_cast<acc_t>(kj[c]);
+      s[i * Nk + j] = dot * scale;
+    }
+  }
+  for (int64_t i = 0; i < Nq; ++i) {  // softmax numerators in place, and the log of each row's sum
+    acc_t* __restrict__ si = s + i * Nk;
+    acc_t mx = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t j = 0; j < Nk; ++j) mx = std::max(mx, si[j]);
+    acc_t sum = 0;
+    for (int64_t j = 0; j < Nk; ++j) {
+      si[j] = std::exp(si[j] - mx);
+      sum += si[j];
+    }
+    const acc_t inv = acc_t(1) / sum;
+    for (int64_t j = 0; j < Nk; ++j) si[j] *= inv;
+    lse[i] = mx + std::log(sum);
+  }
+  std::fill(acc, acc + Nq * hd, acc_t(0));
+  for (int64_t j = 0; j < Nk; ++j) {  // o = P V, each value read once for all rows
+    const scalar_t* __restrict__ vj = v + j * p.kv_n;
+    for (int64_t i = 0; i < Nq; ++i) {
+      const acc_t pij = s[i * Nk + j];
+      acc_t* __restrict__ ai = acc + i * hd;
+#pragma omp simd
+      for (int64_t c = 0; c < hd; ++c) ai[c] += pij * static_cast<acc_t>(vj[c]);
+    }
+  }
+  for (int64_t i = 0; i < Nq; ++i)
+    for (int64_t c = 0; c < hd; ++c) o[i * p.D + c] = static_cast<scalar_t>(acc[i * hd + c]);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_cpu(
+    const at::Tensor& x, const at::Tensor& kv, const at::Tensor& norm_weight, const at::Tensor& norm_bias,
+    const at::Tensor& q_weight, const at::Tensor& q_bias, const at::Tensor& out_weight, const at::Tensor& out_bias,
+    int64_t num_heads, double eps) {
+  check_cross_attention_input(x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias, num_heads);
+  const int64_t B = x.size(0), Nq = x.size(1), D = x.size(2), H = num_heads;
+  const at::ScalarType acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor xn = at::empty({B * Nq, D}, x.options());
+  at::Tensor o = at::empty({B, Nq, D}, x.options());
+  at::Tensor lse = at::empty({B, H, Nq}, x.options().dtype(acc_dtype));
+  at::Tensor stats = at::empty({B, Nq, 2}, x.options().dtype(acc_dtype));
+  if (B == 0) return {at::empty({B, Nq, D}, x.options()), xn.view({B, Nq, D}), o, lse, stats};
+  const Attend p{Nq, kv.size(1), D, H, D / H, kv.stride(0), kv.stride(1), kv.stride(2)};
+  at::Tensor q;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lifeiqa_fast_cross_attention", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const int64_t rows = B * Nq;
+    at::parallel_for(0, rows, std::max<int64_t>(1, kMinElementsPerTask / D), [&](int64_t begin, int64_t end) {
+      layer_norm_rows<scalar_t>(x.const_data_ptr<scalar_t>(), norm_weight.const_data_ptr<scalar_t>(),
+                                norm_bias.const_data_ptr<scalar_t>(), begin, end, D, static_cast<acc_t>(eps),
+                                xn.mutable_data_ptr<scalar_t>(), stats.mutable_data_ptr<acc_t>());
+    });
+    q = at::addmm(q_bias, xn, q_weight.t());  // (B * Nq, D), rounded to x's dtype as the module's
+    const scalar_t* qp = q.const_data_ptr<scalar_t>();
+    const scalar_t* kvp = kv.const_data_ptr<scalar_t>();
+    scalar_t* op = o.mutable_data_ptr<scalar_t>();
+    acc_t* lsep = lse.mutable_data_ptr<acc_t>();
+    const int64_t work = Nq * p.Nk * p.hd;  // multiply-adds of one (image, head) task, per product
+    at::parallel_for(0, B * H, std::max<int64_t>(1, kMinElementsPerTask / work), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(Nq * (2 * p.hd + p.Nk));
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / H, h = t % H;
+        const scalar_t* k = kvp + b * p.kv_b + h * p.hd;
+        attend_head<scalar_t>(p, qp + b * Nq * D + h * p.hd, k, k + p.kv_t, op + b * Nq * D + h * p.hd,
+                              lsep + t * Nq, buf.data());
+      }
+    });
+  });
+  at::Tensor out = at::addmm(out_bias, o.view({B * Nq, D}), out_weight.t()).view({B, Nq, D});
+  out.add_(x);
+  return {out, q.view({B, Nq, D}), o, lse, stats};
+}
+
+}  // namespace
+}  // namespace lifeiqa_fast
+
+TORCH_LIBRARY_IMPL(lifeiqa_fast, CPU, m) { m.impl("cross_attention", &lifeiqa_fast::cross_attention_cpu); }

@@ -1,0 +1,198 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lifeiqa_fast import ops
+from lifeiqa_fast.reference import cross_attention_ref, mha_ref
+
+from helpers import assert_matches_reference, dtypes_for, impl_params, tolerance
+
+# (atol, rtol, slack) per dtype, forward and backward. fp32: the kernels sum the LayerNorm, the
+# scores and P V in another order than ATen, a few ulps through two projections. bf16/fp16: q and o
+# are rounded to the dtype as the module rounds them, the rest is fp32; the kernel must be no
+# further from the float64 truth than twice the reference's own error in that precision.
+TOLERANCE = {
+    torch.float32: {"forward": (2e-5, 2e-5, 1.0), "backward": (1e-4, 1e-4, 1.0)},
+    torch.bfloat16: {"forward": (2e-2, 2e-2, 2.0), "backward": (5e-2, 5e-2, 2.0)},
+    torch.float16: {"forward": (2e-3, 2e-3, 2.0), "backward": (5e-3, 5e-3, 2.0)},
+}
+# Triton's CPU interpreter converts fp32 to bf16 by truncation (GPUs round to nearest): q and o,
+# stored in bf16, are biased toward zero. On a GPU TOLERANCE applies.
+INTERPRETER_TOLERANCE = {torch.bfloat16: {"forward": (2e-2, 2e-2, 4.0), "backward": (5e-2, 5e-2, 4.0)}}
+
+# (B, Nq, Nk, D, num_heads); kv is one layer's slice of a (B, Nk, 3, 2, D) all-layers tensor
+CASES = [
+    pytest.param((2, 6, 49, 384, 6), id="life-iqa"),  # the official layer: hd 64, a 7x7 memory
+    pytest.param((3, 1, 1, 64, 2), id="Nq1-Nk1-hd32"),  # one query, one key: softmax weight 1
+    pytest.param((2, 7, 50, 256, 2), id="Nq7-Nk50-hd128"),  # odd counts, the largest heads
+    pytest.param((1, 64, 49, 128, 4), id="Nq64-hd32"),  # the most queries
+    pytest.param((1, 6, 1024, 128, 2), id="Nk1024"),  # the most keys: online softmax over many blocks
+    pytest.param((2, 6, 49, 100, 4), id="D100-hd25"),  # D and hd not powers of two
+    pytest.param((257, 6, 49, 64, 2), id="B257"),  # many images per thread-pool task
+    pytest.param((0, 6, 49, 64, 2), id="empty-batch"),
+]
+NAMES = ["x", "kv", "norm_weight", "norm_bias", "q_weight", "q_bias", "out_weight", "out_bias"]
+
+
+def _inputs(case, dtype, device, seed=0):
+    """x, kv_all: all layers' keys and values (B, Nk, 3, 2, D), of which tests take layer 1 (a strided
+    slice, read in place), and the six parameters."""
+    B, Nq, Nk, D, H = case
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        t = shift + scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
+        return t.to(device=device, dtype=dtype)
+
+    params = [rnd(D, scale=0.2, shift=1.0), rnd(D, scale=0.1), rnd(D, D, scale=D**-0.5), rnd(D, scale=0.1),
+              rnd(D, D, scale=D**-0.5), rnd(D, scale=0.1)]
+    return rnd(B, Nq, D), rnd(B, Nk, 3, 2, D), params
+
+
+def _grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
+@pytest.mark.parametrize("impl_device", impl_params("cross_attention"))
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference(impl_device, case):
+    impl, device = impl_device
+    H = case[-1]
+    for dtype in dtypes_for(impl, device):
+        x, kv_all, params = _inputs(case, dtype, device)
+        leaves = [t.requires_grad_() for t in (x, kv_all, *params)]
+        leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+        layer1 = lambda x, kv_all, *params: (x, kv_all[:, :, 1], *params)  # noqa: E731
+        out = ops.cross_attention(*layer1(*leaves), H, impl=impl)
+        ref = cross_attention_ref(*layer1(*leaves), H)
+        truth = cross_attention_ref(*layer1(*leaves64), H)
+        tol = tolerance(TOLERANCE, INTERPRETER_TOLERANCE, impl, device, dtype)
+        assert_matches_reference(out, ref, truth, tol["forward"], f"{impl} {device} {dtype} forward")
+
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+        grads = _grads(out, leaves, dout.to(dtype))
+        grads_ref = _grads(ref, leaves, dout.to(dtype))
+        grads_truth = _grads(truth, leaves64, dout)
+        for name, g, r, t in zip(NAMES, grads, grads_ref, grads_truth):
+            # scale-aware: a weight gradient sums over every token of the batch
+            scale = max(1.0, t.abs().max().item()) if t.numel() else 1.0
+            atol, rtol, slack = tol["backward"]
+            assert_matches_reference(g, r, t, (atol * scale, rtol, slack), f"{impl} {device} {dtype} d{name}")
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_equals_the_module(impl):
+    """The op on keys and values from in_proj equals LayerNorm + torch.nn.MultiheadAttention itself
+    (the authors' layer), forward and backward, the gradients reaching the module's parameters."""
+    torch.manual_seed(0)
+    B, Nq, Nk, D, H = 3, 6, 49, 384, 6
+    norm, mha = torch.nn.LayerNorm(D), torch.nn.MultiheadAttention(D, H, batch_first=True)
+    x, memory = torch.randn(B, Nq, D, requires_grad=True), torch.randn(B, Nk, D, requires_grad=True)
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    kv = F.linear(memory, w[D:], b[D:]).view(B, Nk, 2, D)
+    out = ops.cross_attention(x, kv, norm.weight, norm.bias, w[:D], b[:D], mha.out_proj.weight, mha.out_proj.bias,
+                              H, impl=impl)
+    expected = x + mha(norm(x), memory, memory, need_weights=False)[0]
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    leaves = [x, memory, norm.weight, norm.bias, w, b, mha.out_proj.weight, mha.out_proj.bias]
+    dout = torch.randn_like(out)
+    for g, e in zip(_grads(out, leaves, dout), _grads(expected, leaves, dout)):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+    # and the authors' per-layer call the reference model makes
+    torch.testing.assert_close(mha_ref(x, memory, norm.weight, norm.bias, w, b, mha.out_proj.weight,
+                                       mha.out_proj.bias, H), expected)
+
+
+@pytest.mark.parametrize("impl_device", [p for p in impl_params("cross_attention") if "reference" not in p.id])
+def test_saved_outputs(impl_device):
+    """What the backward reads: q, o rounded to x's dtype, the log-sum-exp and the LayerNorm stats."""
+    impl, device = impl_device
+    op = ops.cross_attention_op(impl)
+    for dtype in (torch.float32, torch.float64):
+        x, kv_all, params = _inputs((2, 7, 50, 96, 3), dtype, device)
+        kv = kv_all[:, :, 2]
+        out, q, o, lse, stats = op(x, kv, *params, 3, 1e-5)
+        B, Nq, D = x.shape
+        mean, var = x.mean(-1), x.var(-1, unbiased=False)
+        q_ref = F.linear(F.layer_norm(x, (D,), params[0], params[1]), params[2], params[3])
+        heads = lambda t: t.reshape(B, t.shape[1], 3, D // 3).transpose(1, 2)  # noqa: E731
+        s = heads(q_ref) @ heads(kv[:, :, 0]).transpose(-1, -2) / (D // 3) ** 0.5
+        o_ref = (s.softmax(-1) @ heads(kv[:, :, 1])).transpose(1, 2).reshape(B, Nq, D)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        assert lse.dtype == stats.dtype == acc and q.dtype == o.dtype == out.dtype == dtype
+        for name, got, want in [("q", q, q_ref), ("o", o, o_ref), ("lse", lse, s.logsumexp(-1)),
+                                ("mean", stats[..., 0], mean), ("rstd", stats[..., 1], (var + 1e-5).rsqrt()),
+                                ("out", out, x + F.linear(o_ref, params[4], params[5]))]:
+            torch.testing.assert_close(got, want.to(got.dtype), atol=1e-5, rtol=1e-5, msg=f"{impl} {dtype} {name}")
+
+
+@pytest.mark.parametrize("impl_device", [p for p in impl_params("cross_attention") if "reference" not in p.id])
+def test_gradcheck_float64(impl_device):
+    impl, device = impl_device
+    x, kv_all, params = _inputs((2, 3, 5, 8, 2), torch.float64, device)  # few inputs: the interpreter is slow
+    leaves = tuple(t.requires_grad_() for t in (x, kv_all, *params))
+    assert torch.autograd.gradcheck(lambda x, kv_all, *p: ops.cross_attention(x, kv_all[:, :, 1], *p, 2, impl=impl),
+                                    leaves)
+
+
+@pytest.mark.parametrize("impl_device", [p for p in impl_params("cross_attention") if "reference" not in p.id])
+def test_opcheck(impl_device):
+    impl, device = impl_device
+    x, kv_all, params = _inputs((2, 6, 9, 32, 2), torch.float32, device)
+    for t in (x, kv_all, *params):
+        t.requires_grad_()
+    torch.library.opcheck(ops.cross_attention_op(impl), (x, kv_all[:, :, 0], *params, 2, 1e-5))
+
+
+def test_compiles_fullgraph():
+    x, kv_all, params = _inputs((2, 6, 9, 32, 2), torch.float32, "cpu")
+    fn = torch.compile(lambda x, kv: ops.cross_attention(x, kv, *params, 2), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(x, kv_all[:, :, 1]), ops.cross_attention(x, kv_all[:, :, 1], *params, 2))
+
+
+def test_kv_with_strided_last_dimension_is_copied():
+    x, kv_all, params = _inputs((2, 6, 9, 32, 2), torch.float32, "cpu")
+    kv = kv_all[:, :, 0].transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, last dim strided
+    assert kv.stride(-1) != 1
+    torch.testing.assert_close(ops.cross_attention(x, kv, *params, 2, impl="native"),
+                               cross_attention_ref(x, kv, *params, 2))
+
+
+def _bad(**change):
+    x, kv_all, params = _inputs((2, 6, 9, 32, 2), torch.float32, "cpu")
+    args = dict(x=x, kv=kv_all[:, :, 0], **dict(zip(NAMES[2:], params)), num_heads=2)
+    args.update(change)
+    return lambda: ops.cross_attention(**args)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (_bad(x=torch.randn(6, 32)), ValueError, r"x must have shape \(B, Nq, D\), got \(6, 32\)"),
+        (_bad(x=torch.randn(2, 65, 32)), ValueError, "1 <= Nq <= 64 query tokens, got Nq=65"),
+        (_bad(kv=torch.randn(2, 9, 32)), ValueError, r"kv must have shape \(B, Nk, 2, D\) with B=2, Nk >= 1, D=32"),
+        (_bad(kv=torch.randn(2, 0, 2, 32)), ValueError, r"kv must have shape \(B, Nk, 2, D\)"),
+        (_bad(kv=torch.randn(3, 9, 2, 32)), ValueError, r"kv must have shape \(B, Nk, 2, D\) with B=2"),
+        (_bad(num_heads=3), ValueError, "num_heads must be an int dividing D=32"),
+        (_bad(num_heads=0), ValueError, "num_heads must be an int dividing D=32"),
+        (_bad(x=torch.randn(2, 6, 258), kv=torch.randn(2, 9, 2, 258), num_heads=1), ValueError, "at most 128"),
+        (_bad(q_weight=torch.randn(32, 16)), ValueError, r"q_weight must have shape \(32, 32\), got \(32, 16\)"),
+        (_bad(out_bias=torch.randn(16)), ValueError, r"out_bias must have shape \(32,\), got \(16,\)"),
+        (_bad(eps=0.0), ValueError, "eps must be a positive number"),
+        (_bad(norm_weight=torch.randn(32, dtype=torch.float64)), ValueError, "norm_weight must have x's dtype"),
+        (_bad(x=torch.ones(2, 6, 32, dtype=torch.int64)), TypeError, "x must be a floating tensor"),
+        (_bad(q_bias=[0.0] * 32), TypeError, "q_bias must be a torch.Tensor"),
+    ],
+    ids=["2-d-x", "too-many-queries", "3-d-kv", "no-keys", "kv-batch", "heads-not-dividing", "zero-heads",
+         "head-dim-too-large", "q-weight-shape", "out-bias-shape", "eps", "dtype-mismatch", "int-x", "list-bias"],
+)
+def test_bad_input_errors(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_native_op_checks_its_contract():
+    x, kv_all, params = _inputs((2, 6, 9, 32, 2), torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=r"lifeiqa_fast.cross_attention: q_weight and out_weight must be"):
+        torch.ops.lifeiqa_fast.cross_attention(x, kv_all[:, :, 0], *params[:2], params[2][:, :16].contiguous(),
+                                               *params[3:], 2, 1e-5)

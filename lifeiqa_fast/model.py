@@ -16,8 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
-from .ops import gcn, grid_pool
-from .ops._impl import _check_impl
+from .ops import cross_attention, gcn, grid_pool
+from .ops._impl import _check_impl, get_default_impl
+
+
+def _is_reference(impl: str | None) -> bool:
+    """Whether a module with this impl computes the authors' way (None: the process-wide default)."""
+    return (impl if impl is not None else get_default_impl()) == "reference"
 
 
 class GridPool(nn.Module):
@@ -67,28 +72,66 @@ class DecoderLayer(nn.Module):
         self.adj = nn.Parameter(reference.fixed_adjacency(num_queries)) if learnable else None
         self.impl = impl
 
-    def forward(self, x: Tensor, memory: Tensor) -> Tensor:
+    def forward(self, x: Tensor, memory: Tensor, kv: Tensor | None = None) -> Tensor:
+        """kv: this layer's keys and values (B, Nk, 2, D), projected from memory by the decoder's single
+        K/V GEMM, for the fused op; None projects them inside the module call, the authors' way."""
         g = self.GCN
         x = gcn(x, self.adj, g.gcn1.weight, g.gcn1.bias, g.gcn2.weight, g.gcn2.bias, g.gcn3.weight, g.gcn3.bias,
                 impl=self.impl)
-        attn = self.multihead_attn
-        return reference.mha_ref(
-            x, memory, self.norm2.weight, self.norm2.bias, attn.in_proj_weight, attn.in_proj_bias,
-            attn.out_proj.weight, attn.out_proj.bias, attn.num_heads, self.norm2.eps,
-        )
+        attn, norm = self.multihead_attn, self.norm2
+        if kv is None:
+            return reference.mha_ref(x, memory, norm.weight, norm.bias, attn.in_proj_weight, attn.in_proj_bias,
+                                     attn.out_proj.weight, attn.out_proj.bias, attn.num_heads, norm.eps)
+        D = attn.embed_dim  # the q rows of in_proj: a view, so gradients reach the packed parameter
+        return cross_attention(x, kv, norm.weight, norm.bias, attn.in_proj_weight[:D], attn.in_proj_bias[:D],
+                               attn.out_proj.weight, attn.out_proj.bias, attn.num_heads, norm.eps, impl=self.impl)
 
 
 class Decoder(nn.Module):
-    """L decoder layers over the N query tokens."""
+    """L decoder layers over the N query tokens.
+
+    Fused (impl other than "reference"): every layer's keys and values come from one GEMM of the
+    memory with all layers' k and v rows of in_proj stacked, (B, Nk, D) -> (B, Nk, L, 2, D), where
+    the authors' layers each project the memory on their own.
+    """
 
     def __init__(self, depth: int, dim: int, num_heads: int, num_queries: int, learnable: bool, impl: str | None):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(dim, num_heads, num_queries, learnable, impl) for _ in range(depth))
+        self.impl = impl
+        self._kv_cache = None  # (parameter versions, stacked weight and bias): see kv_projection
 
     def forward(self, x: Tensor, memory: Tensor) -> Tensor:
-        for layer in self.layers:
-            x = layer(x, memory)
+        if _is_reference(self.impl):
+            for layer in self.layers:
+                x = layer(x, memory)
+            return x
+        B, Nk, D = memory.shape
+        kv = F.linear(memory, *self.kv_projection()).view(B, Nk, len(self.layers), 2, D)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, memory, kv[:, :, i])
         return x
+
+    def kv_projection(self) -> tuple[Tensor, Tensor]:
+        """All layers' k and v rows of in_proj stacked: weight (L * 2D, D), bias (L * 2D,).
+
+        Built on every call while autograd records (the gradients flow back to each layer's in_proj)
+        and under torch.compile; otherwise built once and reused until a parameter changes, in place
+        (an optimizer step, load_state_dict) or by replacement (.to(), .half()).
+        """
+        attns = [layer.multihead_attn for layer in self.layers]
+        D = attns[0].embed_dim
+        params = [p for a in attns for p in (a.in_proj_weight, a.in_proj_bias)]
+
+        def build():
+            return (torch.cat([a.in_proj_weight[D:] for a in attns]), torch.cat([a.in_proj_bias[D:] for a in attns]))
+
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return build()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._kv_cache is None or self._kv_cache[0] != key:
+            self._kv_cache = (key, build())
+        return self._kv_cache[1]
 
 
 class TopkRouter(nn.Module):
@@ -240,7 +283,7 @@ class LifeIQA(nn.Module):
     def forward_head(self, f3: Tensor, f4: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(f3 (B, h3, w3, C3), f4 (B, h4, w4, C4)) NHWC -> (score (B, 1), aux (), z ())."""
         B = f4.shape[0]
-        if self.impl == "reference":  # the authors' order: 1x1 conv over every position, then the mean
+        if _is_reference(self.impl):  # the authors' order: 1x1 conv over every position, then the mean
             g = self.proj_layer4(f4.permute(0, 3, 1, 2)).flatten(2).mean(dim=2)  # (B, D)
         else:  # the same value: the mean commutes with the 1x1 conv, so pool first
             w = self.proj_layer4.weight
@@ -266,7 +309,7 @@ class LifeIQA(nn.Module):
         if value is not None:
             _check_impl(value)
         self._impl = value
-        self.UPP_layer3.impl = value
+        self.UPP_layer3.impl = self.bunch_decoder.impl = value
         for layer in self.bunch_decoder.layers:
             layer.impl = value
 

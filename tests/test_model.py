@@ -189,3 +189,22 @@ def test_local_pretrained_backbone(tmp_path, suffix):
             torch.testing.assert_close(model.pretrain_model.state_dict()[key], value, msg=key)
     with pytest.raises(FileNotFoundError, match="pretrained backbone weights not found"):
         lifeiqa_fast.LifeIQA(**TINY, pretrained=tmp_path / "nope.pth")
+
+
+def test_decoder_kv_projection_follows_parameter_changes():
+    """At inference the stacked K/V weight is built once; a changed parameter (in place or replaced)
+    rebuilds it, so the fused model never reads stale keys and values."""
+    model = tiny(depth=2).eval()
+    decoder = model.bunch_decoder
+    with torch.no_grad():
+        first = decoder.kv_projection()
+        assert decoder.kv_projection()[0] is first[0]  # reused
+        decoder.layers[1].multihead_attn.in_proj_weight[-1, 0] += 1.0  # in place: its version moves
+        rebuilt = decoder.kv_projection()
+        assert rebuilt[0] is not first[0] and rebuilt[0][-1, 0] == first[0][-1, 0] + 1.0
+        model.double()  # replaced
+        assert decoder.kv_projection()[0].dtype == torch.float64
+    D = model.config["embed_dim"]
+    w = torch.cat([layer.multihead_attn.in_proj_weight[D:] for layer in decoder.layers])
+    torch.testing.assert_close(decoder.kv_projection()[0], w)
+    assert decoder.kv_projection()[0].grad_fn is not None  # training: rebuilt with autograd

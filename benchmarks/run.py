@@ -39,9 +39,10 @@ from torch.utils.flop_counter import flop_registry
 from tqdm import tqdm  # a dependency of timm's
 
 import lifeiqa_fast
-from lifeiqa_fast.ops import gcn, grid_pool
+from lifeiqa_fast.model import Decoder
+from lifeiqa_fast.ops import cross_attention, gcn, grid_pool
 from lifeiqa_fast.ops._impl import choose, triton_interpreted
-from lifeiqa_fast.reference import fixed_adjacency, gcn_ref, grid_pool_ref
+from lifeiqa_fast.reference import cross_attention_ref, fixed_adjacency, gcn_ref, grid_pool_ref
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -156,6 +157,49 @@ def _gcn_build(impl: str, device: torch.device, dtype: torch.dtype):
     return (lambda x, *weights: gcn(x, None, *weights, impl=impl)), ()  # None: the same graph, in closed form
 
 
+DIM, HEADS, MEMORY, DEPTH = 384, 6, GRID * GRID, 4  # Life-IQA's decoder: D, heads, Nk, layers
+
+
+def _attention_inputs(batch: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    """One decoder layer's attention: x (B, 6, 384), kv (B, 49, 2, 384), then the LayerNorm, q and out
+    projection parameters."""
+    d = DIM
+    params = (1 + 0.1 * torch.randn(d), 0.1 * torch.randn(d), torch.randn(d, d) * d**-0.5, 0.1 * torch.randn(d),
+              torch.randn(d, d) * d**-0.5, 0.1 * torch.randn(d))
+    return tuple(t.to(device, dtype) for t in (torch.randn(batch, QUERIES, d), torch.randn(batch, MEMORY, 2, d),
+                                                  *params))
+
+
+def _attention_build(impl: str, device: torch.device, dtype: torch.dtype):
+    if impl == "eager":  # what nn.MultiheadAttention runs after its input projection
+        return (lambda x, kv, *params: cross_attention_ref(x, kv, *params, HEADS)), ()
+    _check_timeable("cross_attention", impl, device)
+    return (lambda x, kv, *params: cross_attention(x, kv, *params, HEADS, impl=impl)), ()
+
+
+def _decoder_inputs(batch: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    """The decoder's inputs: the query tokens x (B, 6, 384) and the memory (B, 49, 384)."""
+    return tuple(torch.randn(shape, dtype=dtype, device=device) for shape in ((batch, QUERIES, DIM),
+                                                                              (batch, MEMORY, DIM)))
+
+
+@functools.lru_cache(maxsize=None)
+def _decoder(impl: str, device: torch.device, dtype: torch.dtype) -> Decoder:
+    """Life-IQA's decoder stack, all impls with one state dict; eager is the authors' (impl="reference":
+    per layer the GCN with a dense graph, LayerNorm and MultiheadAttention's own K/V projection)."""
+    torch.manual_seed(0)
+    decoder = Decoder(DEPTH, DIM, HEADS, QUERIES, learnable=False, impl="reference" if impl == "eager" else impl)
+    return decoder.to(device, dtype).eval()
+
+
+def _decoder_build(impl: str, device: torch.device, dtype: torch.dtype):
+    if impl != "eager":
+        for op in ("gcn", "cross_attention"):
+            _check_timeable(op, impl, device)
+    decoder = _decoder(impl, device, dtype)
+    return decoder, tuple(decoder.parameters())
+
+
 # The model of the head and model rows: the default Swin-B backbone (random weights) and head.
 # MODEL_IMPLS: our implementations of it by label, as LifeIQA arguments; eager is impl="reference".
 MODEL_CONFIG = dict(num_experts=8, top_k=2, depth=4)
@@ -190,12 +234,13 @@ def _loss_gradients(outs):
 
 # Tolerances of max_err (see compare()). grid_pool: fp32 differs from eager only by summation order;
 # fp16/bf16 means are rounded to 11/8 bits, and eager and the kernels may round intermediate sums
-# differently. gcn, head, model: fp32 sums in another order (the graph in closed form, projecting
+# differently. gcn, cross_attention, decoder, head, model: fp32 sums in another order (the graph in closed form, projecting
 # after pooling) through three layers or four decoder layers (seen: 1e-6 for gcn, 3e-6 for the head's
 # scores and gradients). In bf16 a weight gradient summed over tokens in another order may be off by
 # a few % of its largest element (seen: 3.5% for torch.compile's head, at batch 1).
 GRID_POOL_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 GCN_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+ATTENTION_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 MODEL_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 OP_BATCHES = {"cpu": (1, 8, 32, 64), "cuda": (1, 8, 32, 64, 256)}  # 32: the project's targets are quoted there
@@ -204,6 +249,10 @@ CASES = {case.op: case for case in (
     Case("grid_pool", functools.partial(_stage_maps, stages=(3,)), _grid_pool_build, ("native", "triton"),
          GRID_POOL_TOLERANCE, OP_BATCHES, quick=(1, 32), cost=_grid_pool_cost),
     Case("gcn", _gcn_inputs, _gcn_build, ("native", "triton"), GCN_TOLERANCE, OP_BATCHES, quick=(1, 32)),
+    Case("cross_attention", _attention_inputs, _attention_build, ("native", "triton"), ATTENTION_TOLERANCE,
+         OP_BATCHES, quick=(1, 32)),
+    Case("decoder", _decoder_inputs, _decoder_build, ("native", "triton"), MODEL_TOLERANCE, OP_BATCHES,
+         quick=(1, 32)),
     Case("head", _stage_maps, functools.partial(_lifeiqa_build, head=True), tuple(MODEL_IMPLS), MODEL_TOLERANCE,
          {"cpu": (1, 8, 64), "cuda": (1, 8, 64, 256)}, quick=(1,), grad_outputs=_loss_gradients),
     # Swin-B costs ~0.2 s per image on a 2-core CPU and torch.compile of it ~1 min per shape there.

@@ -191,20 +191,23 @@ def test_local_pretrained_backbone(tmp_path, suffix):
         lifeiqa_fast.LifeIQA(**TINY, pretrained=tmp_path / "nope.pth")
 
 
-def test_decoder_kv_projection_follows_parameter_changes():
-    """At inference the stacked K/V weight is built once; a changed parameter (in place or replaced)
-    rebuilds it, so the fused model never reads stale keys and values."""
+def test_decoder_folded_weights_follow_parameter_changes():
+    """At inference the stacked K/V weight and folded biases are built once; a changed parameter (in
+    place or replaced) rebuilds them, so the fused model never reads stale weights."""
     model = tiny(depth=2).eval()
     decoder = model.bunch_decoder
     with torch.no_grad():
-        first = decoder.kv_projection()
-        assert decoder.kv_projection()[0] is first[0]  # reused
+        first = decoder.folded()
+        assert decoder.folded()[0] is first[0]  # reused
         decoder.layers[1].multihead_attn.in_proj_weight[-1, 0] += 1.0  # in place: its version moves
-        rebuilt = decoder.kv_projection()
+        rebuilt = decoder.folded()
         assert rebuilt[0] is not first[0] and rebuilt[0][-1, 0] == first[0][-1, 0] + 1.0
         model.double()  # replaced
-        assert decoder.kv_projection()[0].dtype == torch.float64
+        assert decoder.folded()[0].dtype == torch.float64
     D = model.config["embed_dim"]
-    w = torch.cat([layer.multihead_attn.in_proj_weight[D:] for layer in decoder.layers])
-    torch.testing.assert_close(decoder.kv_projection()[0], w)
-    assert decoder.kv_projection()[0].grad_fn is not None  # training: rebuilt with autograd
+    attns = [layer.multihead_attn for layer in decoder.layers]
+    weight, biases = decoder.folded()
+    assert weight.grad_fn is not None  # training: rebuilt with autograd
+    torch.testing.assert_close(weight, torch.cat([a.in_proj_weight[D:] for a in attns]))
+    for a, b in zip(attns, biases):
+        torch.testing.assert_close(b, a.out_proj.bias + a.out_proj.weight @ a.in_proj_bias[2 * D:])

@@ -183,19 +183,25 @@ def _decoder_inputs(batch: int, dtype: torch.dtype, device: torch.device) -> tup
                                                                               (batch, MEMORY, DIM)))
 
 
+# Our decoder stacks by label: LifeIQA's Decoder arguments. "native" attends the way DECODER_STRATEGY
+# picks for the device; "native-kv" always runs the single K/V GEMM and the fused cross_attention op.
+DECODER_IMPLS = {"native": dict(impl="native"), "native-kv": dict(impl="native", strategy="kv"),
+                 "triton": dict(impl="triton", strategy="kv")}
+
+
 @functools.lru_cache(maxsize=None)
 def _decoder(impl: str, device: torch.device, dtype: torch.dtype) -> Decoder:
     """Life-IQA's decoder stack, all impls with one state dict; eager is the authors' (impl="reference":
     per layer the GCN with a dense graph, LayerNorm and MultiheadAttention's own K/V projection)."""
     torch.manual_seed(0)
-    decoder = Decoder(DEPTH, DIM, HEADS, QUERIES, learnable=False, impl="reference" if impl == "eager" else impl)
-    return decoder.to(device, dtype).eval()
+    kwargs = dict(impl="reference") if impl == "eager" else DECODER_IMPLS[impl]
+    return Decoder(DEPTH, DIM, HEADS, QUERIES, learnable=False, **kwargs).to(device, dtype).eval()
 
 
 def _decoder_build(impl: str, device: torch.device, dtype: torch.dtype):
     if impl != "eager":
         for op in ("gcn", "cross_attention"):
-            _check_timeable(op, impl, device)
+            _check_timeable(op, DECODER_IMPLS[impl]["impl"], device)
     decoder = _decoder(impl, device, dtype)
     return decoder, tuple(decoder.parameters())
 
@@ -251,7 +257,7 @@ CASES = {case.op: case for case in (
     Case("gcn", _gcn_inputs, _gcn_build, ("native", "triton"), GCN_TOLERANCE, OP_BATCHES, quick=(1, 32)),
     Case("cross_attention", _attention_inputs, _attention_build, ("native", "triton"), ATTENTION_TOLERANCE,
          OP_BATCHES, quick=(1, 32)),
-    Case("decoder", _decoder_inputs, _decoder_build, ("native", "triton"), MODEL_TOLERANCE, OP_BATCHES,
+    Case("decoder", _decoder_inputs, _decoder_build, tuple(DECODER_IMPLS), MODEL_TOLERANCE, OP_BATCHES,
          quick=(1, 32)),
     Case("head", _stage_maps, functools.partial(_lifeiqa_build, head=True), tuple(MODEL_IMPLS), MODEL_TOLERANCE,
          {"cpu": (1, 8, 64), "cuda": (1, 8, 64, 256)}, quick=(1,), grad_outputs=_loss_gradients),

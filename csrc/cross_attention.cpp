@@ -7,8 +7,10 @@
 // (image, head) that reads each key and value once for all query rows, softmax in fp32.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Dispatch.h>
@@ -115,6 +117,118 @@ LIFEIQA_CPU_CLONES void attend_head(const Attend& p, const scalar_t* __restrict_
     for (int64_t c = 0; c < hd; ++c) o[i * p.D + c] = static_cast<scalar_t>(acc[i * hd + c]);
 }
 
+// fp32 with head_dim a multiple of 8: the same task on eight-float vectors (GCC/Clang vector
+// extensions, as in gcn.cpp), the softmax's exponentials included, compiled for AVX2 + FMA and for
+// the baseline ISA.
+typedef float vec8 __attribute__((vector_size(32)));
+typedef int32_t ivec8 __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline vec8 load8(const float* p) {
+  vec8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+__attribute__((always_inline)) inline float sum8(vec8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// exp(x) for x <= 0 (a score minus its row's maximum), within 2 ulp: x = n ln2 + r with |r| <= ln2 / 2,
+// exp(r) by the Cephes polynomial, 2^n put into the exponent bits. Below -87 (where exp underflows
+// fp32's normal range) the result is exp(-87) ~ 1.6e-38, not 0: nothing next to a row sum >= 1.
+// Example: x = -ln2 gives n = -1, r = 0, exp(r) = 1, so 0.5 exactly.
+__attribute__((always_inline)) inline vec8 exp_nonpositive(vec8 x) {
+  const vec8 lo = vec8{} - 87.0f;
+  x = x < lo ? lo : x;
+  const ivec8 n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, ivec8);  // round to nearest, x <= 0
+  const vec8 nf = __builtin_convertvector(n, vec8);
+  const vec8 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;  // ln2 split in two for an exact first product
+  vec8 y = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  ivec8 bits;
+  std::memcpy(&bits, &y, sizeof(y));
+  bits += n << 23;
+  std::memcpy(&y, &bits, sizeof(y));
+  return y;
+}
+
+__attribute__((always_inline)) inline void attend_head_f32_impl(const Attend& p, const float* __restrict__ q,
+                                                                const float* __restrict__ k,
+                                                                const float* __restrict__ v, float* __restrict__ o,
+                                                                float* __restrict__ lse, float* __restrict__ buf) {
+  const int64_t Nq = p.Nq, Nk = p.Nk, hd = p.hd;
+  float* __restrict__ s = buf;            // (Nq, Nk)
+  float* __restrict__ acc = s + Nq * Nk;  // (Nq, hd)
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  for (int64_t j = 0; j < Nk; ++j) {
+    const float* __restrict__ kj = k + j * p.kv_n;
+    for (int64_t i = 0; i < Nq; ++i) {
+      vec8 dot = vec8{};
+      for (int64_t c = 0; c < hd; c += 8) dot += load8(q + i * p.D + c) * load8(kj + c);
+      s[i * Nk + j] = sum8(dot) * scale;
+    }
+  }
+  for (int64_t i = 0; i < Nq; ++i) {
+    float* __restrict__ si = s + i * Nk;
+    float mx = si[0];
+    for (int64_t j = 1; j < Nk; ++j) mx = std::max(mx, si[j]);
+    vec8 sums = vec8{};
+    int64_t j = 0;
+    for (; j + 8 <= Nk; j += 8) {
+      const vec8 e = exp_nonpositive(load8(si + j) - mx);
+      std::memcpy(si + j, &e, sizeof(e));
+      sums += e;
+    }
+    float sum = sum8(sums);
+    for (; j < Nk; ++j) sum += (si[j] = std::exp(si[j] - mx));
+    const float inv = 1.0f / sum;
+    for (j = 0; j < Nk; ++j) si[j] *= inv;
+    lse[i] = mx + std::log(sum);
+  }
+  std::fill(acc, acc + Nq * hd, 0.0f);
+  for (int64_t j = 0; j < Nk; ++j) {
+    const float* __restrict__ vj = v + j * p.kv_n;
+    for (int64_t i = 0; i < Nq; ++i) {
+      const float pij = s[i * Nk + j];
+      for (int64_t c = 0; c < hd; c += 8) {
+        const vec8 a = load8(acc + i * hd + c) + pij * load8(vj + c);
+        std::memcpy(acc + i * hd + c, &a, sizeof(a));
+      }
+    }
+  }
+  for (int64_t i = 0; i < Nq; ++i) std::memcpy(o + i * p.D, acc + i * hd, hd * sizeof(float));
+}
+
+__attribute__((target("avx2,fma"))) void attend_head_f32_avx2(const Attend& p, const float* q, const float* k,
+                                                              const float* v, float* o, float* lse, float* buf) {
+  attend_head_f32_impl(p, q, k, v, o, lse, buf);
+}
+void attend_head_f32_baseline(const Attend& p, const float* q, const float* k, const float* v, float* o, float* lse,
+                              float* buf) {
+  attend_head_f32_impl(p, q, k, v, o, lse, buf);
+}
+
+// One (image, head) task of any dtype: the vector path for fp32 when head_dim is a multiple of 8.
+template <typename scalar_t>
+void attend(const Attend& p, const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* o,
+            acc_type<scalar_t>* lse, acc_type<scalar_t>* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    static const bool avx2 = false;
+#endif
+    if (p.hd % 8 == 0) {
+      return avx2 ? attend_head_f32_avx2(p, q, k, v, o, lse, buf) : attend_head_f32_baseline(p, q, k, v, o, lse, buf);
+    }
+  }
+  attend_head<scalar_t>(p, q, k, v, o, lse, buf);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_attention_cpu(
     const at::Tensor& x, const at::Tensor& kv, const at::Tensor& norm_weight, const at::Tensor& norm_bias,
     const at::Tensor& q_weight, const at::Tensor& q_bias, const at::Tensor& out_weight, const at::Tensor& out_bias,
@@ -148,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_att
       for (int64_t t = begin; t < end; ++t) {
         const int64_t b = t / H, h = t % H;
         const scalar_t* k = kvp + b * p.kv_b + h * p.hd;
-        attend_head<scalar_t>(p, qp + b * Nq * D + h * p.hd, k, k + p.kv_t, op + b * Nq * D + h * p.hd,
+        attend<scalar_t>(p, qp + b * Nq * D + h * p.hd, k, k + p.kv_t, op + b * Nq * D + h * p.hd,
                               lsep + t * Nq, buf.data());
       }
     });

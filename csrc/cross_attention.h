@@ -25,7 +25,7 @@ inline void check_cross_attention_input(const at::Tensor& x, const at::Tensor& k
   const int64_t B = x.size(0), Nq = x.size(1), D = x.size(2);
   TORCH_CHECK(Nq >= 1 && Nq <= kAttnMaxQueries, "lifeiqa_fast.cross_attention: x must have 1 <= Nq <= ",
               kAttnMaxQueries, " query tokens, got Nq=", Nq);
-  TORCH_CHECK(num_heads >= 1 && D % num_heads == 0 && D / num_heads <= kAttnMaxHeadDim,
+  TORCH_CHECK(D >= 1 && num_heads >= 1 && D % num_heads == 0 && D / num_heads <= kAttnMaxHeadDim,
               "lifeiqa_fast.cross_attention: num_heads must divide D = ", D, " into heads of at most ",
               kAttnMaxHeadDim, " channels, got num_heads=", num_heads);
   TORCH_CHECK(kv.dim() == 4 && kv.size(0) == B && kv.size(1) >= 1 && kv.size(2) == 2 && kv.size(3) == D,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
-from .ops import cross_attention, gcn, grid_pool
+from .ops import attend_memory, cross_attention, gcn, grid_pool
 from .ops._impl import _check_impl, get_default_impl
 
 
@@ -74,40 +74,58 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, memory: Tensor, kv: Tensor | None = None, out_bias: Tensor | None = None) -> Tensor:
         """kv: this layer's keys and values (B, Nk, 2, D) from the decoder's single K/V GEMM, for the fused
-        op, with out_bias: out_proj's bias with the values' bias folded in (see Decoder); None projects
-        them inside the module call, the authors' way."""
+        op, with out_bias: out_proj's bias with the values' bias folded in (see Decoder). Without kv the
+        layer attends to the memory itself: the authors' module call (impl="reference"), or
+        ops.attend_memory (keys and values never formed)."""
         g = self.GCN
         x = gcn(x, self.adj, g.gcn1.weight, g.gcn1.bias, g.gcn2.weight, g.gcn2.bias, g.gcn3.weight, g.gcn3.bias,
                 impl=self.impl)
         attn, norm = self.multihead_attn, self.norm2
         if kv is None:
-            return reference.mha_ref(x, memory, norm.weight, norm.bias, attn.in_proj_weight, attn.in_proj_bias,
-                                     attn.out_proj.weight, attn.out_proj.bias, attn.num_heads, norm.eps)
+            attend = reference.mha_ref if _is_reference(self.impl) else attend_memory
+            return attend(x, memory, norm.weight, norm.bias, attn.in_proj_weight, attn.in_proj_bias,
+                          attn.out_proj.weight, attn.out_proj.bias, attn.num_heads, norm.eps)
         D = attn.embed_dim  # the q rows of in_proj: a view, so gradients reach the packed parameter
         return cross_attention(x, kv, norm.weight, norm.bias, attn.in_proj_weight[:D], attn.in_proj_bias[:D],
                                attn.out_proj.weight, out_bias, attn.num_heads, norm.eps, impl=self.impl)
 
 
+# How the fused decoder attends, per device type (Decoder.strategy None): "kv", every layer's keys and
+# values from one GEMM then the fused cross_attention op per layer; or "memory", ops.attend_memory per
+# layer. Measured with benchmarks/run.py (decoder rows, "native" and "native-kv"): on a 2-core x86 CPU
+# the K/V GEMM alone takes 0.68 ms of the kv stack's 1.4 ms at batch 1 and 19 of 25 ms at batch 32,
+# while "memory" does the whole stack in ~3x fewer FLOP. GPUs, and any other device, take "kv".
+DECODER_STRATEGY = {"cpu": "memory"}
+
+
 class Decoder(nn.Module):
     """L decoder layers over the N query tokens.
 
-    Fused (impl other than "reference"): every layer's keys and values come from one GEMM of the
-    memory with all layers' k and v rows of in_proj stacked, (B, Nk, D) -> (B, Nk, L, 2, D), where
-    the authors' layers each project the memory on their own. That GEMM adds no bias, which is exact:
-    the keys' bias adds q . b_k to every score of a query row, which the softmax cancels; the values'
-    bias adds b_v to every attention output row (each row of P sums to 1), which out_proj maps to the
-    constant W_o b_v, folded into out_proj's bias. (A biased GEMM first writes the bias over the whole
-    (B * Nk, L * 2D) output: 20% of the stack's time at batch 32 on a 2-core CPU.)
+    Fused (impl other than "reference"), by `strategy` (None: DECODER_STRATEGY for memory's device):
+    - "kv": every layer's keys and values come from one GEMM of the memory with all layers' k and v
+      rows of in_proj stacked, (B, Nk, D) -> (B, Nk, L, 2, D), where the authors' layers each project
+      the memory on their own; then per layer gcn and the fused cross_attention op. That GEMM adds no
+      bias, which is exact: the keys' bias adds q . b_k to every score of a query row, which the
+      softmax cancels; the values' bias adds b_v to every attention output row (each row of P sums to
+      1), which out_proj maps to the constant W_o b_v, folded into out_proj's bias. (A biased GEMM first
+      writes the bias over the whole (B * Nk, L * 2D) output: 20% of the stack's time at batch 32 on a
+      2-core CPU.)
+    - "memory": per layer gcn and ops.attend_memory, which never forms the keys and values.
     """
 
-    def __init__(self, depth: int, dim: int, num_heads: int, num_queries: int, learnable: bool, impl: str | None):
+    def __init__(self, depth: int, dim: int, num_heads: int, num_queries: int, learnable: bool, impl: str | None,
+                 strategy: str | None = None):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(dim, num_heads, num_queries, learnable, impl) for _ in range(depth))
         self.impl = impl
+        if strategy not in (None, "kv", "memory"):
+            raise ValueError(f"lifeiqa_fast.Decoder: strategy must be None, 'kv' or 'memory', got {strategy!r}")
+        self.strategy = strategy
         self._folded_cache = None  # (parameter versions, folded weights): see folded
 
     def forward(self, x: Tensor, memory: Tensor) -> Tensor:
-        if _is_reference(self.impl):
+        strategy = self.strategy or DECODER_STRATEGY.get(memory.device.type, "kv")
+        if _is_reference(self.impl) or strategy == "memory":
             for layer in self.layers:
                 x = layer(x, memory)
             return x

@@ -196,3 +196,30 @@ def test_native_op_checks_its_contract():
     with pytest.raises(RuntimeError, match=r"lifeiqa_fast.cross_attention: q_weight and out_weight must be"):
         torch.ops.lifeiqa_fast.cross_attention(x, kv_all[:, :, 0], *params[:2], params[2][:, :16].contiguous(),
                                                *params[3:], 2, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", [(2, 6, 49, 384, 6), (3, 1, 1, 64, 2), (2, 7, 50, 100, 4), (0, 6, 49, 64, 2)],
+                         ids=["life-iqa", "Nq1-Nk1", "D100-hd25", "empty-batch"])
+def test_attend_memory_equals_the_official_layer(case, dtype):
+    """ops.attend_memory (queries taken to the memory, keys and values never formed) against mha_ref,
+    the authors' module call, forward and backward, each against the float64 truth."""
+    B, Nq, Nk, D, H = case
+    gen = torch.Generator().manual_seed(0)
+    rnd = lambda *shape, s=1.0: (s * torch.randn(*shape, generator=gen, dtype=torch.float64))  # noqa: E731
+    leaves64 = [rnd(B, Nq, D), rnd(B, Nk, D), 1 + rnd(D, s=0.2), rnd(D, s=0.1), rnd(3 * D, D, s=D**-0.5),
+                rnd(3 * D, s=0.5), rnd(D, D, s=D**-0.5), rnd(D, s=0.1)]
+    leaves = [t.to(dtype).requires_grad_() for t in leaves64]
+    for t in leaves64:
+        t.requires_grad_()
+    out, ref, truth = (fn(*args, H) for fn, args in ((ops.attend_memory, leaves), (mha_ref, leaves),
+                                                     (mha_ref, leaves64)))
+    tol = TOLERANCE.get(dtype, {"forward": (1e-12, 1e-12, 1.0), "backward": (1e-11, 1e-11, 1.0)})
+    assert_matches_reference(out, ref, truth, tol["forward"], f"attend_memory {dtype} forward")
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    names = ["x", "memory", "norm_weight", "norm_bias", "in_proj_weight", "in_proj_bias", "out_weight", "out_bias"]
+    for name, g, r, t in zip(names, _grads(out, leaves, dout.to(dtype)), _grads(ref, leaves, dout.to(dtype)),
+                             _grads(truth, leaves64, dout)):
+        scale = max(1.0, t.abs().max().item()) if t.numel() else 1.0
+        atol, rtol, slack = tol["backward"]
+        assert_matches_reference(g, r, t, (atol * scale, rtol, slack), f"attend_memory {dtype} d{name}")

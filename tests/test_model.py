@@ -8,6 +8,8 @@ import torch
 
 import lifeiqa_fast
 
+from helpers import impl_params
+
 # A small Swin (stage maps 14x14x128 and 7x7x256 at 224) so that model tests run in seconds.
 TINY = dict(backbone="swin_tiny_patch4_window7_224",
             backbone_kwargs=dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)))
@@ -43,10 +45,11 @@ def test_forward_is_features_then_head():
     ],
     ids=["E1", "E2-k2-d2", "E4-k1", "E8-k2", "learnable-adjacency"],
 )
-def test_fused_model_equals_reference(config):
+def test_fused_model_equals_reference(config, impl="auto", strategy=None):
     reference = tiny(impl="reference", **config).eval()
-    fused = tiny(impl="auto", **config).eval()
+    fused = tiny(impl=impl, **config).eval()
     fused.load_state_dict(reference.state_dict())
+    fused.bunch_decoder.strategy = strategy
     x = _images(3)
     outputs = []
     for model in (reference, fused):
@@ -59,6 +62,16 @@ def test_fused_model_equals_reference(config):
     assert g1.keys() == g0.keys()
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("impl_device", [p for p in impl_params("cross_attention") if p.id in ("native-cpu", "triton-cpu")])
+@pytest.mark.parametrize("strategy", ["kv", "memory"])
+def test_decoder_strategies_equal_reference(impl_device, strategy):
+    """Both ways the fused decoder attends (the single K/V GEMM with the fused cross_attention op, or
+    the memory itself) give the reference model's outputs and gradients, with each CPU implementation
+    (the model tests run on CPU; the ops' own tests cover CUDA)."""
+    impl, _ = impl_device
+    test_fused_model_equals_reference(dict(num_experts=2, depth=2, adjacency="learnable"), impl, strategy)
 
 
 def test_single_expert_variant():

@@ -4,7 +4,8 @@
 // The two projections are GEMMs over all B * Nq query rows (one BLAS call each, where the module runs
 // them per layer on a (Nq, B, D) view); the LayerNorm and the attention are hand-written loops:
 // LayerNorm one pass per row with its statistics kept for the backward, attention one task per
-// (image, head) that reads each key and value once for all query rows, softmax in fp32.
+// (image, head) that reads each key and value once for all query rows, softmax in fp32 (in fp32 with
+// head_dim a multiple of 8, on eight-float vectors, exponentials included).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -262,8 +263,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_att
       for (int64_t t = begin; t < end; ++t) {
         const int64_t b = t / H, h = t % H;
         const scalar_t* k = kvp + b * p.kv_b + h * p.hd;
-        attend<scalar_t>(p, qp + b * Nq * D + h * p.hd, k, k + p.kv_t, op + b * Nq * D + h * p.hd,
-                              lsep + t * Nq, buf.data());
+        attend<scalar_t>(p, qp + b * Nq * D + h * p.hd, k, k + p.kv_t, op + b * Nq * D + h * p.hd, lsep + t * Nq,
+                         buf.data());
       }
     });
   });

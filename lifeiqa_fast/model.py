@@ -117,11 +117,18 @@ class Decoder(nn.Module):
                  strategy: str | None = None):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(dim, num_heads, num_queries, learnable, impl) for _ in range(depth))
-        self.impl = impl
-        if strategy not in (None, "kv", "memory"):
-            raise ValueError(f"lifeiqa_fast.Decoder: strategy must be None, 'kv' or 'memory', got {strategy!r}")
-        self.strategy = strategy
+        self.impl, self.strategy = impl, strategy
         self._folded_cache = None  # (parameter versions, folded weights): see folded
+
+    @property
+    def strategy(self) -> str | None:
+        return self._strategy
+
+    @strategy.setter
+    def strategy(self, value: str | None) -> None:
+        if value not in (None, "kv", "memory"):
+            raise ValueError(f"lifeiqa_fast.Decoder: strategy must be None, 'kv' or 'memory', got {value!r}")
+        self._strategy = value
 
     def forward(self, x: Tensor, memory: Tensor) -> Tensor:
         strategy = self.strategy or DECODER_STRATEGY.get(memory.device.type, "kv")

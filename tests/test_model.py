@@ -74,6 +74,11 @@ def test_decoder_strategies_equal_reference(impl_device, strategy):
     test_fused_model_equals_reference(dict(num_experts=2, depth=2, adjacency="learnable"), impl, strategy)
 
 
+def test_bad_decoder_strategy():
+    with pytest.raises(ValueError, match="strategy must be None, 'kv' or 'memory', got 'fast'"):
+        tiny(depth=1).bunch_decoder.strategy = "fast"
+
+
 def test_single_expert_variant():
     model = tiny(num_experts=1)
     keys = {k for k in model.state_dict() if k.startswith("MOE.")}

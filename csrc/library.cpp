@@ -23,4 +23,11 @@ TORCH_LIBRARY(lifeiqa_fast, m) {
   m.def("cross_attention(Tensor x, Tensor kv, Tensor norm_weight, Tensor norm_bias, Tensor q_weight, "
         "Tensor q_bias, Tensor out_weight, Tensor out_bias, int num_heads, float eps)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The CPU backward of cross_attention (CUDA and Triton run a composite of ATen ops, in
+  // lifeiqa_fast/ops/cross_attention.py): grad (B, Nq, D) and the forward's inputs and saved
+  // outputs -> the gradients of x, kv (contiguous), norm_weight, norm_bias, q_weight, q_bias,
+  // out_weight, out_bias, each of its input's dtype.
+  m.def("cross_attention_backward(Tensor grad, Tensor x, Tensor kv, Tensor norm_weight, Tensor norm_bias, "
+        "Tensor q_weight, Tensor out_weight, Tensor q, Tensor o, Tensor lse, Tensor stats, int num_heads)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -174,11 +174,27 @@ def _backward(ctx, grad, *_unused):
     return (*(d.to(x.dtype) for d in grads), None, None)
 
 
-def _register(forward_op) -> None:
+def _native_backward(ctx, grad, *_unused):
+    """The native op's backward: the C++ kernel on CPU (csrc/cross_attention.cpp), _backward elsewhere."""
+    x = ctx.saved_tensors[0]
+    if x.device.type != "cpu":
+        return _backward(ctx, grad)
+    return (*torch.ops.lifeiqa_fast.cross_attention_backward(grad.contiguous(), *ctx.saved_tensors, ctx.num_heads),
+            None, None)
+
+
+def _fake_backward(grad, x, kv, norm_weight, norm_bias, q_weight, out_weight, q, o, lse, stats, num_heads):
+    return (torch.empty_like(x), kv.new_empty(kv.shape), torch.empty_like(norm_weight), torch.empty_like(norm_bias),
+            torch.empty_like(q_weight), torch.empty_like(norm_bias), torch.empty_like(out_weight),
+            torch.empty_like(norm_bias))
+
+
+def _register(forward_op, backward) -> None:
     torch.library.register_fake(forward_op)(_fake)
-    torch.library.register_autograd(forward_op, _backward, setup_context=_setup_context)
+    torch.library.register_autograd(forward_op, backward, setup_context=_setup_context)
 
 
-_register(cross_attention_triton)
+_register(cross_attention_triton, _backward)
 if _ext.LOADED:
-    _register(torch.ops.lifeiqa_fast.cross_attention.default)
+    _register(torch.ops.lifeiqa_fast.cross_attention.default, _native_backward)
+    torch.library.register_fake("lifeiqa_fast::cross_attention_backward")(_fake_backward)

@@ -251,6 +251,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = threadIdx.x; i < rows * D; i += blockDim.x) out[base + i] = static_cast<scalar_t>(qs[i]);
 }
 
+// The dynamic shared memory a block may opt in to on the current device (227 KiB on sm_90).
+int max_smem_optin() {
+  int device = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return optin;
+}
+
 template <typename scalar_t, int kRows>
 void launch(const at::Tensor& x, const at::Tensor& kv, const at::Tensor& norm_weight, const at::Tensor& norm_bias,
             const at::Tensor& q_weight, const at::Tensor& q_bias, const at::Tensor& out_weight,
@@ -259,9 +267,7 @@ void launch(const at::Tensor& x, const at::Tensor& kv, const at::Tensor& norm_we
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), Nq = x.size(1), D = x.size(2), hd = D / num_heads;
   const size_t smem = smem_bytes<kRows, acc_t>(D, hd);
-  int device = 0, optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int optin = max_smem_optin();
   TORCH_CHECK(smem <= static_cast<size_t>(optin), "lifeiqa_fast.cross_attention: D = ", D, " and head_dim = ", hd,
               " need ", smem, " bytes of shared memory per block (", kRows, " query rows of D values twice, ",
               kKeys, " keys and values of one head); this GPU allows ", optin);
@@ -294,13 +300,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_att
   at::Tensor lse = at::empty({B, num_heads, Nq}, x.options().dtype(acc_type));
   at::Tensor stats = at::empty({B, Nq, 2}, x.options().dtype(acc_type));
   if (B == 0) return {out, q, o, lse, stats};
+  // 16 rows a block for Nq > 8 where their shared memory fits (fp64 from D = 768 at head_dim 64 does not),
+  // else 8 rows a block and more blocks an image.
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cross_attention_cuda", [&] {
-    if (Nq <= 8) {
-      launch<scalar_t, 8>(x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias, num_heads, eps, out,
-                          q, o, lse, stats);
-    } else {
+    const size_t smem16 = smem_bytes<16, at::opmath_type<scalar_t>>(D, D / num_heads);
+    if (Nq > 8 && smem16 <= static_cast<size_t>(max_smem_optin())) {
       launch<scalar_t, 16>(x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias, num_heads, eps,
                            out, q, o, lse, stats);
+    } else {
+      launch<scalar_t, 8>(x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias, num_heads, eps, out,
+                          q, o, lse, stats);
     }
   });
   return {out, q, o, lse, stats};

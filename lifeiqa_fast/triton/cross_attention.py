@@ -42,7 +42,7 @@ if triton is not None:
             x = tl.load(x_b + rn[:, None] * sxn + rk[None, :] * sxd, mask=mask, other=0.0).to(ACC)
             d = tl.where(mask, x - mean[:, None], 0.0)
             squares += tl.sum(d * d, axis=1)
-        rstd = 1.0 / tl.sqrt(squares / D + eps)
+        rstd = 1.0 / tl.sqrt((squares / D + eps).to(ACC))  # eps: fp64 compiled, a Python float interpreted
         return mean, rstd
 
     @triton.jit
@@ -82,9 +82,10 @@ if triton is not None:
         for j0 in range(0, Nk, BKV):
             rj = j0 + tl.arange(0, BKV)
             key = rj < Nk
-            kt = tl.load(k_b + rj[None, :] * skn + col[:, None] * skd, mask=dim[:, None] & key[None, :],
+            off = rj.to(tl.int64) * skn  # (BKV,): a strided view's key offsets can pass 2^31 within one image
+            kt = tl.load(k_b + off[None, :] + col[:, None] * skd, mask=dim[:, None] & key[None, :],
                          other=0.0).to(ACC)  # (BD, BKV): K^T
-            v = tl.load(v_b + rj[:, None] * skn + col[None, :] * skd, mask=key[:, None] & dim[None, :],
+            v = tl.load(v_b + off[:, None] + col[None, :] * skd, mask=key[:, None] & dim[None, :],
                         other=0.0).to(ACC)  # (BKV, BD)
             s = tl.dot(q, kt, input_precision="ieee") * scale  # (BN, BKV)
             s = tl.where(key[None, :], s, float("-inf"))
@@ -119,12 +120,13 @@ if triton is not None:
     @triton.jit
     def _cross_attention_fwd_kernel(x_ptr, kv_ptr, nw_ptr, nb_ptr, wq_ptr, bq_ptr, wo_ptr, bo_ptr,
                                     out_ptr, q_ptr, o_ptr, lse_ptr, stats_ptr,
-                                    Nq, Nk, D, H, HD, eps, sxb, sxn, sxd, skb, skn, sks, skd,
+                                    Nq, Nk, D, H, HD, eps: tl.float64, sxb, sxn, sxd, skb, skn, sks, skd,
                                     BN: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BKV: tl.constexpr,
                                     BC: tl.constexpr, ACC: tl.constexpr):
         # One program per image. Padded query rows (rn >= Nq) see xn = 0 and finite scores, and are never
         # stored; padded head channels (rd >= hd) load as zero in q, K and V. q, o go to global memory (the
-        # backward needs them); o is read back by the output projection after the barrier.
+        # backward needs them); o is read back by the output projection after the barrier. eps is declared
+        # fp64: a Python float argument would arrive as fp32, 1e-5 off by 2.5e-14, visible in fp64 results.
         b = tl.program_id(0).to(tl.int64)
         rn = tl.arange(0, BN)
         tok = rn < Nq

@@ -183,10 +183,11 @@ def _decoder_inputs(batch: int, dtype: torch.dtype, device: torch.device) -> tup
                                                                               (batch, MEMORY, DIM)))
 
 
-# Our decoder stacks by label: LifeIQA's Decoder arguments. "native" attends the way DECODER_STRATEGY
-# picks for the device; "native-kv" always runs the single K/V GEMM and the fused cross_attention op.
-DECODER_IMPLS = {"native": dict(impl="native"), "native-kv": dict(impl="native", strategy="kv"),
-                 "triton": dict(impl="triton", strategy="kv")}
+# Our decoder stacks by label: LifeIQA's Decoder arguments, one row per strategy (the model takes the
+# one lifeiqa_fast.model.DECODER_STRATEGY gives its device): "-kv", the single K/V GEMM then the
+# fused cross_attention op; "-memory", ops.attend_memory.
+DECODER_IMPLS = {"native-memory": dict(impl="native", strategy="memory"),
+                 "native-kv": dict(impl="native", strategy="kv"), "triton-kv": dict(impl="triton", strategy="kv")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -240,10 +241,11 @@ def _loss_gradients(outs):
 
 # Tolerances of max_err (see compare()). grid_pool: fp32 differs from eager only by summation order;
 # fp16/bf16 means are rounded to 11/8 bits, and eager and the kernels may round intermediate sums
-# differently. gcn, cross_attention, decoder, head, model: fp32 sums in another order (the graph in closed form, projecting
-# after pooling) through three layers or four decoder layers (seen: 1e-6 for gcn, 3e-6 for the head's
-# scores and gradients). In bf16 a weight gradient summed over tokens in another order may be off by
-# a few % of its largest element (seen: 3.5% for torch.compile's head, at batch 1).
+# differently. gcn, cross_attention, decoder, head, model: fp32 sums in another order (the graph in
+# closed form, projecting after pooling, attending to the memory) through three layers or four
+# decoder layers (seen: 1e-6 for gcn, 3e-6 for the head's scores and gradients). In bf16 a weight
+# gradient summed over tokens in another order may be off by a few % of its largest element (seen:
+# 3.5% for torch.compile's head, at batch 1).
 GRID_POOL_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 GCN_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 ATTENTION_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}

@@ -64,7 +64,10 @@ def test_fused_model_equals_reference(config, impl="auto", strategy=None):
         torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-3, msg=name)
 
 
-@pytest.mark.parametrize("impl_device", [p for p in impl_params("cross_attention") if p.id in ("native-cpu", "triton-cpu")])
+CPU_IMPLS = [p for p in impl_params("cross_attention") if p.id in ("native-cpu", "triton-cpu")]
+
+
+@pytest.mark.parametrize("impl_device", CPU_IMPLS)
 @pytest.mark.parametrize("strategy", ["kv", "memory"])
 def test_decoder_strategies_equal_reference(impl_device, strategy):
     """Both ways the fused decoder attends (the single K/V GEMM with the fused cross_attention op, or

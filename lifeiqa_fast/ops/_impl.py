@@ -134,3 +134,24 @@ def _chosen(op: str, device_type: str, impl: str | None) -> str:
 def resolve(op: str, x: torch.Tensor, impl: str | None) -> str:
     """The implementation that runs `op` on x's device."""
     return _chosen(op, x.device.type, impl)
+
+
+def check_tensors(op: str, tensors: dict) -> None:
+    """A TypeError naming the first of `tensors` (argument name -> value) that is not a torch.Tensor."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"lifeiqa_fast.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_like_x(op: str, x: torch.Tensor, tensors: dict, shapes: dict) -> None:
+    """A ValueError naming the first of `shapes` (argument name -> (its shape in symbols, the expected
+    shape; -1 where a size is already wrong)) whose tensor has another shape, then the first of
+    `tensors` (argument name -> tensor) without x's dtype and device."""
+    for name, (symbols, shape) in shapes.items():
+        if tuple(tensors[name].shape) != shape or -1 in shape:
+            raise ValueError(f"lifeiqa_fast.{op}: {name} must have shape {symbols} = {shape}, "
+                             f"got {tuple(tensors[name].shape)}")
+    for name, t in tensors.items():
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"lifeiqa_fast.{op}: {name} must have x's dtype and device ({x.dtype}, {x.device}), "
+                             f"got ({t.dtype}, {t.device})")

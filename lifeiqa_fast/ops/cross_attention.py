@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import _ext
 from ..reference import cross_attention_ref
 from ..triton import cross_attention as _triton
-from ._impl import resolve
+from ._impl import check_like_x, check_tensors, resolve
 
 MAX_QUERIES = 64  # csrc/cross_attention.h, kAttnMaxQueries
 MAX_HEAD_DIM = 128  # csrc/cross_attention.h, kAttnMaxHeadDim
@@ -80,9 +80,7 @@ def cross_attention_op(impl: str):
 def _check(x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias, num_heads, eps) -> None:
     tensors = dict(x=x, kv=kv, norm_weight=norm_weight, norm_bias=norm_bias, q_weight=q_weight, q_bias=q_bias,
                    out_weight=out_weight, out_bias=out_bias)
-    for name, t in tensors.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"lifeiqa_fast.cross_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors("cross_attention", tensors)
     if x.dim() != 3:
         raise ValueError(f"lifeiqa_fast.cross_attention: x must have shape (B, Nq, D), got {tuple(x.shape)}")
     B, Nq, D = x.shape
@@ -99,16 +97,9 @@ def _check(x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias
     if kv.dim() != 4 or kv.shape[0] != B or kv.shape[1] < 1 or kv.shape[2] != 2 or kv.shape[3] != D:
         raise ValueError(f"lifeiqa_fast.cross_attention: kv must have shape (B, Nk, 2, D) with B={B}, Nk >= 1, "
                          f"D={D}, got {tuple(kv.shape)}")
-    expected = dict(norm_weight=(D,), norm_bias=(D,), q_weight=(D, D), q_bias=(D,), out_weight=(D, D),
-                    out_bias=(D,))
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"lifeiqa_fast.cross_attention: {name} must have shape {shape}, "
-                             f"got {tuple(tensors[name].shape)}")
-    for name, t in tensors.items():
-        if t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"lifeiqa_fast.cross_attention: {name} must have x's dtype and device "
-                             f"({x.dtype}, {x.device}), got ({t.dtype}, {t.device})")
+    vector, matrix = ("(D,)", (D,)), ("(D, D)", (D, D))
+    check_like_x("cross_attention", x, tensors, dict(norm_weight=vector, norm_bias=vector, q_weight=matrix,
+                                                     q_bias=vector, out_weight=matrix, out_bias=vector))
 
 
 @torch.library.custom_op("lifeiqa_fast::cross_attention_triton", mutates_args=())

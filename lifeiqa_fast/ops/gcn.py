@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import _ext
 from ..reference import fixed_adjacency, gcn_ref
 from ..triton import gcn as _triton
-from ._impl import resolve
+from ._impl import check_like_x, check_tensors, resolve
 
 MAX_TOKENS = 32  # the kernels hold one accumulator per token (csrc/gcn.h, kGcnMaxTokens)
 
@@ -40,9 +40,7 @@ def gcn(x: Tensor, adj: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: T
 
 def _check(x, adj, w1, b1, w2, b2, w3, b3) -> None:
     tensors = dict(x=x, w1=w1, b1=b1, w2=w2, b2=b2, w3=w3, b3=b3, **({} if adj is None else dict(adj=adj)))
-    for name, t in tensors.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"lifeiqa_fast.gcn: {name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors("gcn", tensors)
     if x.dim() != 3:
         raise ValueError(f"lifeiqa_fast.gcn: x must have shape (B, N, D), got {tuple(x.shape)}")
     B, N, D = x.shape
@@ -52,19 +50,11 @@ def _check(x, adj, w1, b1, w2, b2, w3, b3) -> None:
         raise TypeError(f"lifeiqa_fast.gcn: x must be a floating tensor, got {x.dtype}")
     H1 = w1.shape[1] if w1.dim() == 2 else -1
     H2 = w2.shape[1] if w2.dim() == 2 else -1
-    expected = dict(w1=(D, H1), b1=(H1,), w2=(H1, H2), b2=(H2,), w3=(H2, D), b3=(D,))
-    names = dict(w1="(D, H1)", b1="(H1,)", w2="(H1, H2)", b2="(H2,)", w3="(H2, D)", b3="(D,)")
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape or -1 in shape:
-            raise ValueError(f"lifeiqa_fast.gcn: {name} must have shape {names[name]} = {shape}, "
-                             f"got {tuple(tensors[name].shape)}")
     if adj is not None and tuple(adj.shape) not in ((N, N), (B, N, N)):
         raise ValueError(f"lifeiqa_fast.gcn: adj must be None or have shape (N, N) = {(N, N)} or (B, N, N) = "
                          f"{(B, N, N)}, got {tuple(adj.shape)}")
-    for name, t in tensors.items():
-        if t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"lifeiqa_fast.gcn: {name} must have x's dtype and device ({x.dtype}, {x.device}), "
-                             f"got ({t.dtype}, {t.device})")
+    check_like_x("gcn", x, tensors, dict(w1=("(D, H1)", (D, H1)), b1=("(H1,)", (H1,)), w2=("(H1, H2)", (H1, H2)),
+                                         b2=("(H2,)", (H2,)), w3=("(H2, D)", (H2, D)), b3=("(D,)", (D,))))
 
 
 @torch.library.custom_op("lifeiqa_fast::gcn_triton", mutates_args=())

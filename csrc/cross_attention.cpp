@@ -122,27 +122,21 @@ LIFEIQA_CPU_CLONES void attend_head(const Attend& p, const scalar_t* __restrict_
 // fp32 with head_dim a multiple of 8: the same task on eight-float vectors (GCC/Clang vector
 // extensions, as in gcn.cpp), the softmax's exponentials included, compiled for AVX2 + FMA and for
 // the baseline ISA.
-// The helpers are always inlined, so no vector crosses a call: GCC's note on the ABI of 32-byte
-// vectors without AVX does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
+// The helpers take vectors by reference: a 32-byte vector passed by value has no stable ABI without AVX.
 typedef float vec8 __attribute__((vector_size(32)));
 typedef int32_t ivec8 __attribute__((vector_size(32)));
 
-__attribute__((always_inline)) inline vec8 load8(const float* p) {
-  vec8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+__attribute__((always_inline)) inline void load8(vec8& v, const float* p) { std::memcpy(&v, p, sizeof(v)); }
 
-__attribute__((always_inline)) inline float sum8(vec8 v) {
+__attribute__((always_inline)) inline float sum8(const vec8& v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
 // exp(x) for x <= 0 (a score minus its row's maximum), within 2 ulp: x = n ln2 + r with |r| <= ln2 / 2,
 // exp(r) by the Cephes polynomial, 2^n put into the exponent bits. Below -87 (where exp underflows
 // fp32's normal range) the result is exp(-87) ~ 1.6e-38, not 0: nothing next to a row sum >= 1.
-// Example: x = -ln2 gives n = -1, r = 0, exp(r) = 1, so 0.5 exactly.
-__attribute__((always_inline)) inline vec8 exp_nonpositive(vec8 x) {
+// Example: x = -ln2 gives n = -1, r = 0, exp(r) = 1, so 0.5 exactly. In place.
+__attribute__((always_inline)) inline void exp_nonpositive(vec8& x) {
   const vec8 lo = vec8{} - 87.0f;
   x = x < lo ? lo : x;
   const ivec8 n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, ivec8);  // round to nearest, x <= 0
@@ -157,8 +151,7 @@ __attribute__((always_inline)) inline vec8 exp_nonpositive(vec8 x) {
   ivec8 bits;
   std::memcpy(&bits, &y, sizeof(y));
   bits += n << 23;
-  std::memcpy(&y, &bits, sizeof(y));
-  return y;
+  std::memcpy(&x, &bits, sizeof(x));
 }
 
 __attribute__((always_inline)) inline void attend_head_f32_impl(const Attend& p, const float* __restrict__ q,
@@ -172,8 +165,12 @@ __attribute__((always_inline)) inline void attend_head_f32_impl(const Attend& p,
   for (int64_t j = 0; j < Nk; ++j) {
     const float* __restrict__ kj = k + j * p.kv_n;
     for (int64_t i = 0; i < Nq; ++i) {
-      vec8 dot = vec8{};
-      for (int64_t c = 0; c < hd; c += 8) dot += load8(q + i * p.D + c) * load8(kj + c);
+      vec8 dot = vec8{}, a, b;
+      for (int64_t c = 0; c < hd; c += 8) {
+        load8(a, q + i * p.D + c);
+        load8(b, kj + c);
+        dot += a * b;
+      }
       s[i * Nk + j] = sum8(dot) * scale;
     }
   }
@@ -181,10 +178,12 @@ __attribute__((always_inline)) inline void attend_head_f32_impl(const Attend& p,
     float* __restrict__ si = s + i * Nk;
     float mx = si[0];
     for (int64_t j = 1; j < Nk; ++j) mx = std::max(mx, si[j]);
-    vec8 sums = vec8{};
+    vec8 sums = vec8{}, e;
     int64_t j = 0;
     for (; j + 8 <= Nk; j += 8) {
-      const vec8 e = exp_nonpositive(load8(si + j) - mx);
+      load8(e, si + j);
+      e -= mx;
+      exp_nonpositive(e);
       std::memcpy(si + j, &e, sizeof(e));
       sums += e;
     }
@@ -199,8 +198,11 @@ __attribute__((always_inline)) inline void attend_head_f32_impl(const Attend& p,
     const float* __restrict__ vj = v + j * p.kv_n;
     for (int64_t i = 0; i < Nq; ++i) {
       const float pij = s[i * Nk + j];
+      vec8 a, b;
       for (int64_t c = 0; c < hd; c += 8) {
-        const vec8 a = load8(acc + i * hd + c) + pij * load8(vj + c);
+        load8(a, acc + i * hd + c);
+        load8(b, vj + c);
+        a += pij * b;
         std::memcpy(acc + i * hd + c, &a, sizeof(a));
       }
     }

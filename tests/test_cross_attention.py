@@ -224,3 +224,23 @@ def test_attend_memory_equals_the_official_layer(case, dtype):
         scale = max(1.0, t.abs().max().item()) if t.numel() else 1.0
         atol, rtol, slack = tol["backward"]
         assert_matches_reference(g, r, t, (atol * scale, rtol, slack), f"attend_memory {dtype} d{name}")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(memory=torch.randn(2, 9, 16)), r"memory must have shape \(B, Nk, D\) with B=2, Nk >= 1, D=32"),
+        (dict(memory=torch.randn(2, 0, 32)), r"memory must have shape \(B, Nk, D\)"),
+        (dict(in_proj_weight=torch.randn(32, 32)), r"in_proj_weight must have shape \(3D, D\) = \(96, 32\)"),
+        (dict(num_heads=5), "num_heads must be an int dividing D=32, got 5"),
+        (dict(out_bias=torch.randn(32, dtype=torch.float64)), "out_bias must have x's dtype and device"),
+    ],
+    ids=["memory-D", "no-memory", "in-proj-shape", "heads", "dtype-mismatch"],
+)
+def test_attend_memory_bad_input_errors(change, message):
+    x, kv_all, (nw, nb, qw, qb, ow, ob) = _inputs((2, 6, 9, 32, 2), torch.float32, "cpu")
+    args = dict(x=x, memory=kv_all[:, :, 0, 0], norm_weight=nw, norm_bias=nb, in_proj_weight=torch.cat([qw] * 3),
+                in_proj_bias=torch.cat([qb] * 3), out_weight=ow, out_bias=ob, num_heads=2)
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        ops.attend_memory(**args)

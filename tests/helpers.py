@@ -64,3 +64,12 @@ def assert_matches_reference(actual, reference_lowp, truth, tol, what: str) -> N
         f"{what}: max error {err.max().item():.3g} vs truth exceeds atol {atol} + rtol {rtol} and "
         f"{slack} x the reference's own error {ref_err:.3g}"
     )
+
+
+def assert_gradients_match(names, grads, grads_reference_lowp, grads_truth, tol, what: str) -> None:
+    """assert_matches_reference for each named gradient, atol scaled by the gradient's size: a weight
+    gradient sums over every token of the batch."""
+    atol, rtol, slack = tol
+    for name, g, r, t in zip(names, grads, grads_reference_lowp, grads_truth, strict=True):
+        scale = max(1.0, t.abs().max().item()) if t.numel() else 1.0
+        assert_matches_reference(g, r, t, (atol * scale, rtol, slack), f"{what} d{name}")

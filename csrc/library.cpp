@@ -30,4 +30,17 @@ TORCH_LIBRARY(lifeiqa_fast, m) {
   m.def("cross_attention_backward(Tensor grad, Tensor x, Tensor kv, Tensor norm_weight, Tensor norm_bias, "
         "Tensor q_weight, Tensor out_weight, Tensor q, Tensor o, Tensor lse, Tensor stats, int num_heads)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // x: (T, D); router (E, D), (E,); experts stacked as nn.Linear stores them: w1 (E, F, D), b1 (E, F),
+  // w2 (E, D, F), b2 (E, D); dropout_mask None or (T, top_k, F), multiplied into the hidden layer.
+  // dense: run every expert on every token (gates zero where not chosen) instead of grouping the
+  // tokens by expert. Returns (out, aux, z, logits, indices, gates, hidden, expert_out): see
+  // csrc/moe.h.
+  m.def("moe(Tensor x, Tensor router_weight, Tensor router_bias, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+        "int top_k, Tensor? dropout_mask, bool dense) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+        "Tensor)");
+  // The CPU backward of moe: the gradients of out, aux and z and the forward's inputs and saved
+  // outputs -> the gradients of x, router_weight, router_bias, w1, b1, w2, b2.
+  m.def("moe_backward(Tensor grad, Tensor grad_aux, Tensor grad_z, Tensor x, Tensor router_weight, Tensor w1, "
+        "Tensor w2, Tensor? dropout_mask, Tensor logits, Tensor indices, Tensor gates, Tensor hidden, "
+        "Tensor expert_out) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -123,13 +123,16 @@ def moe_ref(
     top_k: int,
     dropout_p: float = 0.1,
     training: bool = False,
+    dropout_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sparse mixture of experts on tokens x: (T, D). Returns (out (T, D), aux (), z ()).
 
     router_weight (E, D), router_bias (E,); expert e is Linear(w1[e] (F, D), b1[e]) -> ReLU -> Dropout
     -> Linear(w2[e] (D, F), b2[e]); w1..b2 are stacked tensors or per-expert sequences. Gates: softmax
     over the top-k logits (the rest -inf). aux = E * sum_e mean(gates[:, e]) * mean(count_e), the
-    count factor detached; z = mean(logsumexp(logits)^2) over the full logits.
+    count factor detached; z = mean(logsumexp(logits)^2) over the full logits. dropout_mask (T, top_k,
+    F), when given, replaces the dropout: token t's hidden layer in its j-th chosen expert is
+    multiplied by dropout_mask[t, j] (0 or 1 / (1 - p)), so that kernels can be compared in training.
     """
     E = router_weight.shape[0]
     logits = F.linear(x, router_weight, router_bias)  # (T, E)
@@ -144,6 +147,11 @@ def moe_ref(
     for e in range(E):
         mask = (indices == e).any(dim=-1)  # (T,)
         if mask.any():
-            h = F.dropout(F.relu(F.linear(x[mask], w1[e], b1[e])), dropout_p, training)
+            h = F.relu(F.linear(x[mask], w1[e], b1[e]))
+            if dropout_mask is None:
+                h = F.dropout(h, dropout_p, training)
+            else:
+                slot = (indices[mask] == e).int().argmax(dim=-1)  # which of the token's k choices is e
+                h = h * dropout_mask[mask, slot]
             out[mask] += F.linear(h, w2[e], b2[e]) * gates[mask, e].unsqueeze(1)
     return out, aux, z

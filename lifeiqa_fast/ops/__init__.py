@@ -4,6 +4,7 @@ from ._impl import IMPLS, get_default_impl, set_default_impl
 from .cross_attention import attend_memory, cross_attention, cross_attention_op
 from .gcn import gcn
 from .grid_pool import grid_pool
+from .moe import moe
 
 __all__ = ["IMPLS", "attend_memory", "cross_attention", "cross_attention_op", "gcn", "get_default_impl", "grid_pool",
-           "set_default_impl"]
+           "moe", "set_default_impl"]

@@ -92,6 +92,8 @@ def _why_not(op: str, impl: str, device_type: str) -> str | None:
     ok, why = triton_status()
     if not ok:
         return why
+    if source_hash(op, "triton") is None:
+        return f"no Triton kernel of {op} (lifeiqa_fast/triton/{op}.py)"
     if device_type == "cpu" and not triton_interpreted():
         return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
     if device_type not in ("cpu", "cuda"):

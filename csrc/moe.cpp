@@ -1,0 +1,139 @@
+// CPU kernel of lifeiqa_fast::moe: router, top-k, gates, the experts' MLPs, their gated sum, and the
+// aux and z losses, forward and backward.
+//
+// The routing is host code (on the CPU a data-dependent shape costs no synchronisation): the (token,
+// choice) pairs are grouped by expert, and each expert with pairs runs its two layers as BLAS GEMMs
+// on just its rows, reading only the experts that were chosen ("grouped"). "dense" runs every
+// expert on every token instead (gates zero where not chosen): more FLOP, the same answer.
+#include <tuple>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "moe.h"
+
+namespace lifeiqa_fast {
+namespace {
+
+// The pairs (token, choice) of each expert, as flat pair ids t * k + j and token ids, ascending.
+struct Groups {
+  std::vector<std::vector<int64_t>> pairs, tokens;
+};
+
+Groups group_by_expert(const at::Tensor& indices, int64_t E) {
+  const at::Tensor idx = indices.contiguous();
+  const int64_t* p = idx.const_data_ptr<int64_t>();
+  const int64_t k = idx.size(1);
+  Groups g{std::vector<std::vector<int64_t>>(E), std::vector<std::vector<int64_t>>(E)};
+  for (int64_t i = 0; i < idx.numel(); ++i) {
+    g.pairs[p[i]].push_back(i);
+    g.tokens[p[i]].push_back(i / k);
+  }
+  return g;
+}
+
+at::Tensor ids(std::vector<int64_t>& v, const at::Tensor& like) {
+  return at::from_blob(v.data(), {static_cast<int64_t>(v.size())}, like.options().dtype(at::kLong));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_cpu(
+    const at::Tensor& x, const at::Tensor& router_weight, const at::Tensor& router_bias, const at::Tensor& w1,
+    const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2, int64_t top_k,
+    const std::optional<at::Tensor>& dropout_mask, bool dense) {
+  check_moe_input(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask);
+  const int64_t T = x.size(0), D = x.size(1), E = w1.size(0), F = w1.size(1), k = top_k;
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor logits_x = router_bias.addmm(x, router_weight.t());  // (T, E) in x's dtype, as F.linear
+  auto [top, indices] = logits_x.topk(k);                               // torch.topk's order and ties
+  const at::Tensor logits = logits_x.to(acc);
+  const at::Tensor gates = top.to(acc).softmax(-1);                    // (T, k)
+  const at::Tensor lse = logits.logsumexp({-1});
+  const at::Tensor z = lse.mul(lse).mean();
+  // aux = E * sum_e (sum of e's gates / T) * (count_e / T), the count detached
+  const at::Tensor gate_sums = at::zeros({E}, logits.options()).index_add(0, indices.flatten(), gates.flatten());
+  const at::Tensor counts = at::zeros({E}, logits.options())
+                                .index_add(0, indices.flatten(), at::full({T * k}, 1.0, logits.options()));
+  const at::Tensor aux = gate_sums.mul(counts).sum().mul(static_cast<double>(E) / (static_cast<double>(T) * T));
+  at::Tensor hidden = at::empty({T, k, F}, x.options());
+  at::Tensor expert_out = at::empty({T, k, D}, x.options());
+  at::Tensor hidden_pairs = hidden.view({T * k, F}), out_pairs = expert_out.view({T * k, D});
+  Groups groups = group_by_expert(indices, E);
+  for (int64_t e = 0; e < E; ++e) {
+    if (groups.pairs[e].empty()) continue;
+    const at::Tensor pair_ids = ids(groups.pairs[e], x), token_ids = ids(groups.tokens[e], x);
+    at::Tensor h, y;
+    if (dense) {  // every token through expert e, then the chosen rows kept
+      h = b1[e].addmm(x, w1[e].t()).relu_().index_select(0, token_ids);
+    } else {
+      h = b1[e].addmm(x.index_select(0, token_ids), w1[e].t()).relu_();
+    }
+    if (dropout_mask.has_value()) h.mul_(dropout_mask->view({T * k, F}).index_select(0, pair_ids));
+    y = b2[e].addmm(h, w2[e].t());
+    hidden_pairs.index_copy_(0, pair_ids, h);
+    out_pairs.index_copy_(0, pair_ids, y);
+  }
+  const at::Tensor out = gates.unsqueeze(-1).mul(expert_out.to(acc)).sum(1).to(x.scalar_type());
+  return {out, aux, z, logits, indices, gates, hidden, expert_out};
+}
+
+// The adjoint, with dY = gate * dout per pair, dgate = dout . y + daux E count_e / T^2: per expert
+// with pairs, dW2 = dY^T h, dh = dY W2 * [h > 0] * mask, dW1 = dh^T x, dx += dh W1; the gates'
+// softmax back to the chosen logits, z's gradient 2 lse / T softmax(logits) dz on all of them, and
+// the router's linear layer.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& grad_aux, const at::Tensor& grad_z, const at::Tensor& x,
+    const at::Tensor& router_weight, const at::Tensor& w1, const at::Tensor& w2,
+    const std::optional<at::Tensor>& dropout_mask, const at::Tensor& logits, const at::Tensor& indices,
+    const at::Tensor& gates, const at::Tensor& hidden, const at::Tensor& expert_out) {
+  const int64_t T = x.size(0), D = x.size(1), E = w1.size(0), F = w1.size(1), k = indices.size(1);
+  TORCH_CHECK(grad.sizes() == x.sizes() && logits.sizes() == at::IntArrayRef({T, E}) &&
+                  indices.sizes() == at::IntArrayRef({T, k}) && hidden.sizes() == at::IntArrayRef({T, k, F}) &&
+                  expert_out.sizes() == at::IntArrayRef({T, k, D}),
+              "lifeiqa_fast.moe_backward: grad and the saved tensors must have the forward's shapes");
+  const at::ScalarType acc = logits.scalar_type();
+  const at::Tensor g = grad.to(acc), xa = x.to(acc);
+  const at::Tensor counts = at::zeros({E}, logits.options())
+                                .index_add(0, indices.flatten(), at::full({T * k}, 1.0, logits.options()));
+  const at::Tensor d_y = gates.unsqueeze(-1).mul(g.unsqueeze(1)).view({T * k, D});  // (T * k, D)
+  at::Tensor d_gates = g.unsqueeze(1).mul(expert_out.to(acc)).sum(-1);                // (T, k)
+  d_gates = d_gates.add(counts.index_select(0, indices.flatten()).view({T, k}).mul(grad_aux.to(acc))
+                            .mul(static_cast<double>(E) / (static_cast<double>(T) * T)));
+  at::Tensor dx = at::zeros({T, D}, logits.options());
+  at::Tensor dw1 = at::zeros({E, F, D}, logits.options()), db1 = at::zeros({E, F}, logits.options());
+  at::Tensor dw2 = at::zeros({E, D, F}, logits.options()), db2 = at::zeros({E, D}, logits.options());
+  const at::Tensor hidden_pairs = hidden.view({T * k, F});
+  Groups groups = group_by_expert(indices, E);
+  for (int64_t e = 0; e < E; ++e) {
+    if (groups.pairs[e].empty()) continue;
+    const at::Tensor pair_ids = ids(groups.pairs[e], x), token_ids = ids(groups.tokens[e], x);
+    const at::Tensor dy = d_y.index_select(0, pair_ids), h = hidden_pairs.index_select(0, pair_ids).to(acc);
+    dw2[e].copy_(dy.t().mm(h));
+    db2[e].copy_(dy.sum(0));
+    at::Tensor dh = dy.mm(w2[e].to(acc)).mul_(h.gt(0));
+    if (dropout_mask.has_value()) dh.mul_(dropout_mask->view({T * k, F}).index_select(0, pair_ids).to(acc));
+    dw1[e].copy_(dh.t().mm(xa.index_select(0, token_ids)));
+    db1[e].copy_(dh.sum(0));
+    dx.index_add_(0, token_ids, dh.mm(w1[e].to(acc)));
+  }
+  const at::Tensor d_top = gates.mul(d_gates.sub(gates.mul(d_gates).sum(-1, true)));  // softmax's adjoint
+  at::Tensor d_logits = at::zeros({T, E}, logits.options()).scatter_add(1, indices, d_top);
+  const at::Tensor lse = logits.logsumexp({-1}, true);
+  d_logits.add_(logits.softmax(-1).mul(lse).mul(grad_z.to(acc)).mul(2.0 / static_cast<double>(T)));
+  dx.add_(d_logits.mm(router_weight.to(acc)));
+  const at::ScalarType dt = x.scalar_type();
+  return {dx.to(dt),         d_logits.t().mm(xa).to(dt), d_logits.sum(0).to(dt), dw1.to(dt), db1.to(dt),
+          dw2.to(dt),        db2.to(dt)};
+}
+
+}  // namespace
+}  // namespace lifeiqa_fast
+
+TORCH_LIBRARY_IMPL(lifeiqa_fast, CPU, m) {
+  m.impl("moe", &lifeiqa_fast::moe_cpu);
+  m.impl("moe_backward", &lifeiqa_fast::moe_backward_cpu);
+}

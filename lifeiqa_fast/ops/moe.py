@@ -1,0 +1,104 @@
+"""moe: the sparse mixture of experts of Life-IQA's head (SPEC step 6), fused: router, top-k, gates,
+the experts' MLPs, their gated sum, and the aux and z losses.
+
+Public function, fake implementations and the autograd formula. The schema of the native op lives
+in csrc/library.cpp (its contract in csrc/moe.h), its CPU kernel in csrc/moe.cpp, the reference in
+lifeiqa_fast/reference.py (moe_ref, the authors' per-expert loop).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _ext
+from ..reference import moe_ref
+from ._impl import check_like_x, check_tensors, resolve
+
+# Tokens up to which "dense" (every expert on every token) runs instead of "grouped" (tokens grouped
+# by expert, each expert on its own rows), per device type. CPU: grouped always; dense does E / k
+# times the FLOP and reads every expert's weights, grouped only the chosen experts' (measured with
+# benchmarks/run.py, moe rows "native-dense" and "native-grouped": grouped is faster from 6 tokens up).
+DENSE_MAX_TOKENS = {"cpu": 0}
+
+
+def moe(x: Tensor, router_weight: Tensor, router_bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+        top_k: int, dropout_mask: Tensor | None = None, impl: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k routed mixture of experts on tokens x (T, D) -> (out (T, D), aux (), z ()).
+
+    router_weight (E, D), router_bias (E,); the experts stacked as nn.Linear stores them: w1 (E, F, D),
+    b1 (E, F), w2 (E, D, F), b2 (E, D). Each token's top_k largest logits (torch.topk's order and
+    ties) are softmaxed into its gates; expert e computes relu(x W1[e]^T + b1[e]) W2[e]^T + b2[e];
+    out = sum of gate * expert output over the chosen experts. aux = E * sum_e mean_t(gate of e) *
+    mean_t(count of e) (the count detached), z = mean_t logsumexp(logits_t)^2, both 0-d, fp32 (fp64
+    for fp64). dropout_mask: None, or (T, top_k, F) of x's dtype multiplied into the hidden layer of
+    each chosen expert (training: bernoulli(1 - p) / (1 - p)). All tensors of x's dtype and device.
+    Differentiable in x and every weight; aux's gradient flows only through the gates.
+    """
+    _check(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask)
+    which = resolve("moe", x, impl)
+    if which == "reference":
+        out, aux, z = moe_ref(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask=dropout_mask)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return out, aux.to(acc), z.to(acc)
+    dense = x.shape[0] <= DENSE_MAX_TOKENS.get(x.device.type, 0)
+    weights = (t.contiguous() for t in (router_weight, router_bias, w1, b1, w2, b2))
+    mask = None if dropout_mask is None else dropout_mask.contiguous()
+    return torch.ops.lifeiqa_fast.moe(x.contiguous(), *weights, top_k, mask, dense)[:3]
+
+
+def _check(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask) -> None:
+    tensors = dict(x=x, router_weight=router_weight, router_bias=router_bias, w1=w1, b1=b1, w2=w2, b2=b2)
+    if dropout_mask is not None:
+        tensors["dropout_mask"] = dropout_mask
+    check_tensors("moe", tensors)
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"lifeiqa_fast.moe: x must be a floating (T, D) tensor, got {x.dtype} {tuple(x.shape)}")
+    T, D = x.shape
+    E = router_weight.shape[0] if router_weight.dim() == 2 else -1
+    F = w1.shape[1] if w1.dim() == 3 else -1
+    if not isinstance(top_k, int) or not 1 <= top_k <= max(E, 0):
+        raise ValueError(f"lifeiqa_fast.moe: top_k must be an int in [1, E={E}], got {top_k!r}")
+    shapes = dict(router_weight=("(E, D)", (E, D)), router_bias=("(E,)", (E,)), w1=("(E, F, D)", (E, F, D)),
+                  b1=("(E, F)", (E, F)), w2=("(E, D, F)", (E, D, F)), b2=("(E, D)", (E, D)))
+    if dropout_mask is not None:
+        shapes["dropout_mask"] = ("(T, top_k, F)", (T, top_k, F))
+    check_like_x("moe", x, tensors, shapes)
+
+
+def _fake(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask, dense):
+    T, D = x.shape
+    E, F = w1.shape[:2]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.new_empty(T, D), x.new_empty((), dtype=acc), x.new_empty((), dtype=acc), x.new_empty(T, E, dtype=acc),
+            x.new_empty(T, top_k, dtype=torch.int64), x.new_empty(T, top_k, dtype=acc), x.new_empty(T, top_k, F),
+            x.new_empty(T, top_k, D))
+
+
+def _setup_context(ctx, inputs, output):
+    x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask, dense = inputs
+    _, _, _, logits, indices, gates, hidden, expert_out = output
+    ctx.mark_non_differentiable(logits, indices, gates, hidden, expert_out)
+    ctx.save_for_backward(x, router_weight, w1, w2, dropout_mask, logits, indices, gates, hidden, expert_out)
+
+
+def _backward(ctx, grad, grad_aux, grad_z, *_unused):
+    """The CPU kernel's adjoint (csrc/moe.cpp, moe_backward)."""
+    x, router_weight, w1, w2, dropout_mask, logits, indices, gates, hidden, expert_out = ctx.saved_tensors
+    zero = logits.new_zeros(())
+    grads = torch.ops.lifeiqa_fast.moe_backward(
+        grad.contiguous(), zero if grad_aux is None else grad_aux, zero if grad_z is None else grad_z, x,
+        router_weight, w1, w2, dropout_mask, logits, indices, gates, hidden, expert_out)
+    return (*grads, None, None, None)
+
+
+def _fake_backward(grad, grad_aux, grad_z, x, router_weight, w1, w2, dropout_mask, logits, indices, gates, hidden,
+                   expert_out):
+    E, F, D = w1.shape
+    return (torch.empty_like(x), torch.empty_like(router_weight), x.new_empty(E), torch.empty_like(w1),
+            x.new_empty(E, F), torch.empty_like(w2), x.new_empty(E, D))
+
+
+if _ext.LOADED:
+    torch.library.register_fake("lifeiqa_fast::moe")(_fake)
+    torch.library.register_fake("lifeiqa_fast::moe_backward")(_fake_backward)
+    torch.library.register_autograd("lifeiqa_fast::moe", _backward, setup_context=_setup_context)

@@ -1,0 +1,167 @@
+import pytest
+import torch
+
+from lifeiqa_fast import ops
+from lifeiqa_fast.reference import moe_ref
+
+from helpers import assert_gradients_match, assert_matches_reference, dtypes_for, impl_params, tolerance
+
+# (atol, rtol, slack) per dtype. fp32: the kernels sum the gated expert outputs in fp32 and in another
+# order than the reference's per-expert loop. bf16/fp16: the kernels round once where the reference
+# rounds each expert's product; no further from the float64 truth than twice the reference's error.
+TOLERANCE = {
+    torch.float32: {"forward": (1e-5, 1e-5, 1.0), "backward": (1e-4, 1e-4, 1.0)},
+    torch.bfloat16: {"forward": (2e-2, 2e-2, 2.0), "backward": (5e-2, 5e-2, 2.0)},
+    torch.float16: {"forward": (2e-3, 2e-3, 2.0), "backward": (5e-3, 5e-3, 2.0)},
+}
+INTERPRETER_TOLERANCE = {torch.bfloat16: {"forward": (2e-2, 2e-2, 4.0), "backward": (5e-2, 5e-2, 4.0)}}
+
+# (T, D, F, E, k, routing)
+CASES = [
+    pytest.param((6, 384, 1536, 8, 2, "random"), id="life-iqa-one-image"),  # E8, top-2, one image's 6 tokens
+    pytest.param((1, 32, 64, 3, 1, "random"), id="T1-E3-k1"),
+    pytest.param((6 * 257, 32, 64, 4, 2, "random"), id="T1542-E4"),  # 257 images
+    pytest.param((6, 32, 64, 2, 2, "random"), id="k-equals-E"),
+    pytest.param((6, 32, 64, 1, 1, "random"), id="E1"),
+    pytest.param((12, 32, 64, 4, 1, "one-expert"), id="all-to-one-expert"),  # three experts get nothing
+    pytest.param((6, 32, 64, 4, 2, "tied"), id="tied-logits"),  # every logit equal: torch.topk's ties
+    pytest.param((0, 32, 64, 4, 2, "random"), id="no-tokens"),
+]
+NAMES = ["x", "router_weight", "router_bias", "w1", "b1", "w2", "b2"]
+
+
+def _inputs(case, dtype, device, seed=0):
+    T, D, F, E, k, routing = case
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    x = rnd(T, D)
+    router_weight, router_bias = rnd(E, D, scale=D**-0.5), rnd(E, scale=0.1)
+    if routing == "one-expert":  # a large bias on expert 2 wins every token
+        router_bias[2] = 100.0
+    if routing == "tied":
+        router_weight.zero_()
+        router_bias.zero_()
+    weights = [router_weight, router_bias, rnd(E, F, D, scale=D**-0.5), rnd(E, F, scale=0.1),
+               rnd(E, D, F, scale=F**-0.5), rnd(E, D, scale=0.1)]
+    return [t.to(device=device, dtype=dtype) for t in (x, *weights)], k
+
+
+def _loss(out, aux, z, dout):
+    return (out * dout).sum() + 0.01 * aux + 0.001 * z
+
+
+@pytest.mark.parametrize("impl_device", impl_params("moe"))
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dropout", [False, True], ids=["eval", "dropout-mask"])
+def test_matches_reference(impl_device, case, dropout):
+    impl, device = impl_device
+    for dtype in dtypes_for(impl, device):
+        tensors, k = _inputs(case, dtype, device)
+        T, F = case[0], case[2]
+        mask = None
+        if dropout:
+            keep = torch.rand(T, k, F, generator=torch.Generator().manual_seed(2)) > 0.1
+            mask = (keep / 0.9).to(device=device, dtype=dtype)
+        leaves = [t.requires_grad_() for t in tensors]
+        leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+        got = ops.moe(*leaves, k, mask, impl=impl)
+        ref = moe_ref(*leaves, k, dropout_mask=mask)
+        truth = moe_ref(*leaves64, k, dropout_mask=None if mask is None else mask.double())
+        tol = tolerance(TOLERANCE, INTERPRETER_TOLERANCE, impl, device, dtype)
+        what = f"{impl} {device} {dtype}"
+        for name, a, r, t in zip(("out", "aux", "z"), got, ref, truth):
+            if name != "out":  # 0-d losses: fp32 (fp64 for fp64) in the kernels
+                a, r = a.to(dtype), r.to(dtype)
+            if T == 0:
+                assert a.shape == t.shape, f"{what} {name}: shape {tuple(a.shape)}"
+                continue
+            assert_matches_reference(a, r, t, tol["forward"], f"{what} {name}")
+        if T == 0:
+            continue
+        dout = torch.randn(got[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        grads = torch.autograd.grad(_loss(*got, dout.to(device, dtype)), leaves)
+        grads_ref = torch.autograd.grad(_loss(*ref, dout.to(device, dtype)), leaves)
+        grads_truth = torch.autograd.grad(_loss(*truth, dout.to(device)), leaves64)
+        assert_gradients_match(NAMES, grads, grads_ref, grads_truth, tol["backward"], what)
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["grouped", "dense"])
+def test_strategies_agree(dense):
+    """The CPU kernel's two strategies give the reference's routing and values."""
+    tensors, k = _inputs((48, 32, 64, 8, 2, "random"), torch.float64, "cpu")
+    out, aux, z, logits, indices, gates, hidden, expert_out = torch.ops.lifeiqa_fast.moe(*tensors, k, None, dense)
+    ref = moe_ref(*tensors, k)
+    torch.testing.assert_close((out, aux, z), ref, check_dtype=False)  # the authors' aux is fp32 even in fp64
+    torch.testing.assert_close(indices, logits.topk(k).indices)
+    counts = torch.bincount(indices.flatten(), minlength=8)
+    assert counts.sum() == 48 * k and bool((indices[:, 0] != indices[:, 1]).all())  # k distinct experts a token
+    x, _, _, w1, b1, w2, b2 = tensors
+    e = indices[5, 1]
+    torch.testing.assert_close(hidden[5, 1], torch.relu(w1[e] @ x[5] + b1[e]))
+    torch.testing.assert_close(expert_out[5, 1], w2[e] @ hidden[5, 1] + b2[e])
+    torch.testing.assert_close(gates.sum(-1), torch.ones(48, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("impl_device", [p for p in impl_params("moe") if "reference" not in p.id])
+def test_gradcheck_float64(impl_device):
+    impl, device = impl_device
+    tensors, k = _inputs((5, 4, 6, 3, 2, "random"), torch.float64, device)
+    leaves = tuple(t.requires_grad_() for t in tensors)
+    mask = (torch.rand(5, k, 6, generator=torch.Generator().manual_seed(3)) > 0.2).double().to(device) / 0.8
+
+    def fn(*args):
+        out, aux, z = ops.moe(*args, k, mask, impl=impl)
+        return out, aux, z
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["grouped", "dense"])
+def test_opcheck(dense):
+    tensors, k = _inputs((6, 16, 32, 4, 2, "random"), torch.float32, "cpu")
+    for t in tensors:
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.lifeiqa_fast.moe.default, (*tensors, k, None, dense))
+
+
+def test_compiles_fullgraph():
+    tensors, k = _inputs((6, 16, 32, 4, 2, "random"), torch.float32, "cpu")
+    fn = torch.compile(lambda x: ops.moe(x, *tensors[1:], k), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(tensors[0]), ops.moe(*tensors, k))
+
+
+def _bad(**change):
+    tensors, k = _inputs((6, 16, 32, 4, 2, "random"), torch.float32, "cpu")
+    args = dict(zip(NAMES, tensors), top_k=k)
+    args.update(change)
+    return lambda: ops.moe(**args)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (_bad(x=torch.randn(2, 6, 16)), ValueError, r"x must be a floating \(T, D\) tensor"),
+        (_bad(top_k=5), ValueError, r"top_k must be an int in \[1, E=4\], got 5"),
+        (_bad(top_k=0), ValueError, r"top_k must be an int in \[1, E=4\], got 0"),
+        (_bad(w1=torch.randn(4, 16, 32)), ValueError, r"w1 must have shape \(E, F, D\) = \(4, 16, 16\)"),
+        (_bad(w2=torch.randn(4, 32, 16)), ValueError, r"w2 must have shape \(E, D, F\) = \(4, 16, 32\)"),
+        (_bad(router_bias=torch.randn(3)), ValueError, r"router_bias must have shape \(E,\) = \(4,\)"),
+        (_bad(dropout_mask=torch.ones(6, 1, 32)), ValueError, r"dropout_mask must have shape \(T, top_k, F\)"),
+        (_bad(b2=torch.randn(4, 16, dtype=torch.float64)), ValueError, "b2 must have x's dtype and device"),
+        (_bad(b1=None), TypeError, "b1 must be a torch.Tensor"),
+    ],
+    ids=["3-d-x", "top-k-above-E", "top-k-zero", "w1-shape", "w2-shape", "router-bias", "mask-shape", "dtype",
+         "missing-bias"],
+)
+def test_bad_input_errors(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_native_op_checks_its_contract():
+    tensors, k = _inputs((6, 16, 32, 4, 2, "random"), torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=r"lifeiqa_fast.moe: top_k must be in \[1, E = 4\], got 7"):
+        torch.ops.lifeiqa_fast.moe(*tensors, 7, None, False)

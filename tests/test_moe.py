@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -165,3 +167,17 @@ def test_native_op_checks_its_contract():
     tensors, k = _inputs((6, 16, 32, 4, 2, "random"), torch.float32, "cpu")
     with pytest.raises(RuntimeError, match=r"lifeiqa_fast.moe: top_k must be in \[1, E = 4\], got 7"):
         torch.ops.lifeiqa_fast.moe(*tensors, 7, None, False)
+
+
+def test_dense_backward_equals_the_grouped_one():
+    """The composite backward that GPU kernels use (one-hot selection, no host synchronisation) against
+    the CPU kernel's grouped one, on the same saved tensors, with a dropout mask and unused experts."""
+    moe_module = importlib.import_module("lifeiqa_fast.ops.moe")
+    tensors, k = _inputs((20, 16, 32, 5, 2, "random"), torch.float64, "cpu")
+    mask = (torch.rand(20, k, 32, generator=torch.Generator().manual_seed(4)) > 0.1).double() / 0.9
+    x, router_weight, _, w1, _, w2, _ = tensors
+    _, _, _, *saved = torch.ops.lifeiqa_fast.moe(*tensors, k, mask, False)
+    grads = (torch.randn(20, 16, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64),
+             torch.tensor(-0.3, dtype=torch.float64))
+    args = (*grads, x, router_weight, w1, w2, mask, *saved)
+    torch.testing.assert_close(moe_module._dense_backward(*args), torch.ops.lifeiqa_fast.moe_backward(*args))

@@ -43,7 +43,8 @@ def moe(x: Tensor, router_weight: Tensor, router_bias: Tensor, w1: Tensor, b1: T
     dense = x.shape[0] <= DENSE_MAX_TOKENS.get(x.device.type, 0)
     weights = (t.contiguous() for t in (router_weight, router_bias, w1, b1, w2, b2))
     mask = None if dropout_mask is None else dropout_mask.contiguous()
-    return torch.ops.lifeiqa_fast.moe(x.contiguous(), *weights, top_k, mask, dense)[:3]
+    op = torch.ops.lifeiqa_fast.moe if which == "native" else moe_triton
+    return op(x.contiguous(), *weights, top_k, mask, dense)[:3]
 
 
 def _check(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask) -> None:
@@ -65,6 +66,17 @@ def _check(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask) -
     check_like_x("moe", x, tensors, shapes)
 
 
+@torch.library.custom_op("lifeiqa_fast::moe_triton", mutates_args=())
+def moe_triton(x: Tensor, router_weight: Tensor, router_bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+               top_k: int, dropout_mask: Tensor | None, dense: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                            Tensor, Tensor, Tensor]:
+    """The Triton kernel as an op, with the native op's schema (impl="triton" is refused while
+    lifeiqa_fast/triton/moe.py does not exist, see ops._impl)."""
+    from ..triton import moe as _triton
+
+    return _triton.moe_forward(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask, dense)
+
+
 def _fake(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask, dense):
     T, D = x.shape
     E, F = w1.shape[:2]
@@ -82,13 +94,42 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, grad_aux, grad_z, *_unused):
-    """The CPU kernel's adjoint (csrc/moe.cpp, moe_backward)."""
-    x, router_weight, w1, w2, dropout_mask, logits, indices, gates, hidden, expert_out = ctx.saved_tensors
-    zero = logits.new_zeros(())
-    grads = torch.ops.lifeiqa_fast.moe_backward(
-        grad.contiguous(), zero if grad_aux is None else grad_aux, zero if grad_z is None else grad_z, x,
-        router_weight, w1, w2, dropout_mask, logits, indices, gates, hidden, expert_out)
+    """The adjoint: the C++ kernel on CPU (csrc/moe.cpp, moe_backward, experts grouped on the host),
+    elsewhere _dense_backward (no host synchronisation)."""
+    saved = ctx.saved_tensors
+    zero = saved[5].new_zeros(())
+    grad_aux = zero if grad_aux is None else grad_aux
+    grad_z = zero if grad_z is None else grad_z
+    if saved[0].device.type == "cpu" and _ext.LOADED:
+        grads = torch.ops.lifeiqa_fast.moe_backward(grad.contiguous(), grad_aux, grad_z, *saved)
+    else:
+        grads = _dense_backward(grad, grad_aux, grad_z, *saved)
     return (*grads, None, None, None)
+
+
+def _dense_backward(grad, grad_aux, grad_z, x, router_weight, w1, w2, dropout_mask, logits, indices, gates, hidden,
+                    expert_out):
+    """moe_backward's formula with each pair's expert selected by a one-hot product instead of grouping
+    (E / k times the FLOP, shapes independent of the routing). Composite ATen ops in fp32 (fp64 for fp64)."""
+    acc = logits.dtype
+    T, D = x.shape
+    E = w1.shape[0]
+    g, xa, h = grad.to(acc), x.to(acc), hidden.to(acc)
+    sel = torch.nn.functional.one_hot(indices, E).to(acc)  # (T, k, E)
+    d_y = gates.unsqueeze(-1) * g.unsqueeze(1)  # (T, k, D)
+    counts = sel.sum((0, 1))
+    d_gates = (g.unsqueeze(1) * expert_out.to(acc)).sum(-1) + grad_aux.to(acc) * E / max(T, 1) ** 2 * counts[indices]
+    d_h = torch.einsum("tkd,tke,edf->tkf", d_y, sel, w2.to(acc)) * (h > 0)
+    if dropout_mask is not None:
+        d_h = d_h * dropout_mask.to(acc)
+    d_top = gates * (d_gates - (gates * d_gates).sum(-1, keepdim=True))
+    d_logits = torch.zeros_like(logits).scatter_add(1, indices, d_top)
+    d_logits = d_logits + logits.softmax(-1) * logits.logsumexp(-1, keepdim=True) * grad_z.to(acc) * (2.0 / max(T, 1))
+    dx = torch.einsum("tkf,tke,efd->td", d_h, sel, w1.to(acc)) + d_logits @ router_weight.to(acc)
+    grads = (dx, d_logits.T @ xa, d_logits.sum(0), torch.einsum("tke,tkf,td->efd", sel, d_h, xa),
+             torch.einsum("tke,tkf->ef", sel, d_h), torch.einsum("tke,tkd,tkf->edf", sel, d_y, h),
+             torch.einsum("tke,tkd->ed", sel, d_y))
+    return tuple(t.to(x.dtype) for t in grads)
 
 
 def _fake_backward(grad, grad_aux, grad_z, x, router_weight, w1, w2, dropout_mask, logits, indices, gates, hidden,
@@ -98,6 +139,8 @@ def _fake_backward(grad, grad_aux, grad_z, x, router_weight, w1, w2, dropout_mas
             x.new_empty(E, F), torch.empty_like(w2), x.new_empty(E, D))
 
 
+torch.library.register_fake(moe_triton)(_fake)
+torch.library.register_autograd(moe_triton, _backward, setup_context=_setup_context)
 if _ext.LOADED:
     torch.library.register_fake("lifeiqa_fast::moe")(_fake)
     torch.library.register_fake("lifeiqa_fast::moe_backward")(_fake_backward)

@@ -5,9 +5,14 @@
 // choice) pairs are grouped by expert, and each expert with pairs runs its two layers as BLAS GEMMs
 // on just its rows, reading only the experts that were chosen ("grouped"). "dense" runs every
 // expert on every token instead (gates zero where not chosen): more FLOP, the same answer.
+#include <algorithm>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -15,6 +20,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "cpu.h"
 #include "moe.h"
 
 namespace lifeiqa_fast {
@@ -61,23 +67,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor aux = gate_sums.mul(counts).sum().mul(static_cast<double>(E) / (static_cast<double>(T) * T));
   at::Tensor hidden = at::empty({T, k, F}, x.options());
   at::Tensor expert_out = at::empty({T, k, D}, x.options());
-  at::Tensor hidden_pairs = hidden.view({T * k, F}), out_pairs = expert_out.view({T * k, D});
+  at::Tensor out = at::empty({T, D}, x.options());
   Groups groups = group_by_expert(indices, E);
-  for (int64_t e = 0; e < E; ++e) {
-    if (groups.pairs[e].empty()) continue;
-    const at::Tensor pair_ids = ids(groups.pairs[e], x), token_ids = ids(groups.tokens[e], x);
-    at::Tensor h, y;
-    if (dense) {  // every token through expert e, then the chosen rows kept
-      h = b1[e].addmm(x, w1[e].t()).relu_().index_select(0, token_ids);
-    } else {
-      h = b1[e].addmm(x.index_select(0, token_ids), w1[e].t()).relu_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lifeiqa_fast_moe", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* mp = dropout_mask.has_value() ? dropout_mask->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* hp = hidden.mutable_data_ptr<scalar_t>();
+    scalar_t* yp = expert_out.mutable_data_ptr<scalar_t>();
+    for (int64_t e = 0; e < E; ++e) {
+      const std::vector<int64_t>& pairs = groups.pairs[e];
+      const int64_t n = static_cast<int64_t>(pairs.size());
+      if (n == 0) continue;
+      at::Tensor xe;  // the expert's rows of x
+      if (dense) {
+        xe = x;
+      } else {
+        xe = at::empty({n, D}, x.options());
+        scalar_t* xr = xe.mutable_data_ptr<scalar_t>();
+        for (int64_t r = 0; r < n; ++r) std::memcpy(xr + r * D, xp + (pairs[r] / k) * D, D * sizeof(scalar_t));
+      }
+      // (n or T, F) with the bias, rounded once as F.linear's; then ReLU and mask into hidden's pair rows
+      const at::Tensor h = b1[e].addmm(xe, w1[e].t());
+      const scalar_t* h_in = h.const_data_ptr<scalar_t>();
+      at::Tensor he = at::empty({n, F}, x.options());
+      scalar_t* h_out = he.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, n, std::max<int64_t>(1, kMinElementsPerTask / F), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t pair = pairs[r];
+          const scalar_t* src = h_in + (dense ? pair / k : r) * F;
+          for (int64_t f = 0; f < F; ++f) {
+            acc_t v = std::max(static_cast<acc_t>(src[f]), acc_t(0));
+            if (mp != nullptr) v *= static_cast<acc_t>(mp[pair * F + f]);
+            h_out[r * F + f] = hp[pair * F + f] = static_cast<scalar_t>(v);
+          }
+        }
+      });
+      const at::Tensor y = b2[e].addmm(he, w2[e].t());  // (n, D), into expert_out's pair rows
+      const scalar_t* y_in = y.const_data_ptr<scalar_t>();
+      for (int64_t r = 0; r < n; ++r) std::memcpy(yp + pairs[r] * D, y_in + r * D, D * sizeof(scalar_t));
     }
-    if (dropout_mask.has_value()) h.mul_(dropout_mask->view({T * k, F}).index_select(0, pair_ids));
-    y = b2[e].addmm(h, w2[e].t());
-    hidden_pairs.index_copy_(0, pair_ids, h);
-    out_pairs.index_copy_(0, pair_ids, y);
-  }
-  const at::Tensor out = gates.unsqueeze(-1).mul(expert_out.to(acc)).sum(1).to(x.scalar_type());
+    // out = the gated sum of each token's expert outputs, in fp32 (fp64), rounded once
+    const acc_t* gp = gates.const_data_ptr<acc_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, T, std::max<int64_t>(1, kMinElementsPerTask / (k * D)), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        for (int64_t d = 0; d < D; ++d) {
+          acc_t v = 0;
+          for (int64_t j = 0; j < k; ++j) v += gp[t * k + j] * static_cast<acc_t>(yp[(t * k + j) * D + d]);
+          op[t * D + d] = static_cast<scalar_t>(v);
+        }
+    });
+  });
   return {out, aux, z, logits, indices, gates, hidden, expert_out};
 }
 

@@ -16,8 +16,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
-from .ops import attend_memory, cross_attention, gcn, grid_pool
+from .ops import attend_memory, cross_attention, gcn, grid_pool, moe
 from .ops._impl import _check_impl, get_default_impl
+
+
+def _built_once(owner: nn.Module, params: list[Tensor], build):
+    """build(), a function of params, made once and kept on owner while autograd does not record and
+    until a parameter changes, in place (an optimizer step, load_state_dict: its version moves) or by
+    replacement (.to(), .half(): its storage moves); rebuilt on every call while autograd records (the
+    gradients must flow back to params) and under torch.compile (traced into the graph)."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        return build()
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    if owner._cache is None or owner._cache[0] != key:
+        owner._cache = (key, build())
+    return owner._cache[1]
 
 
 def _is_reference(impl: str | None) -> bool:
@@ -118,7 +131,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(dim, num_heads, num_queries, learnable, impl) for _ in range(depth))
         self.impl, self.strategy = impl, strategy
-        self._folded_cache = None  # (parameter versions, folded weights): see folded
+        self._cache = None  # (parameter versions, folded weights): see folded
 
     @property
     def strategy(self) -> str | None:
@@ -159,12 +172,7 @@ class Decoder(nn.Module):
             return (torch.cat([a.in_proj_weight[D:] for a in attns]),
                     tuple(torch.addmv(a.out_proj.bias, a.out_proj.weight, a.in_proj_bias[2 * D:]) for a in attns))
 
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
-            return build()
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if self._folded_cache is None or self._folded_cache[0] != key:
-            self._folded_cache = (key, build())
-        return self._folded_cache[1]
+        return _built_once(self, params, build)
 
 
 class TopkRouter(nn.Module):
@@ -182,24 +190,53 @@ class Expert(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Top-k routed mixture of E experts on every token; returns (out, aux, z)."""
+    """Top-k routed mixture of E experts on every token; returns (out, aux, z).
 
-    def __init__(self, dim: int, num_experts: int, top_k: int):
+    Fused (impl other than "reference"): ops.moe on the experts' weights stacked, (E, F, D) and so on;
+    the parameters and their state-dict keys stay the authors' per-expert Linear layers. In training
+    the expert dropout is a mask drawn here (torch's RNG) and handed to the op.
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, impl: str | None = None):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"lifeiqa_fast.LifeIQA: top_k must be in [1, num_experts={num_experts}], got {top_k}")
-        self.top_k = top_k
+        self.top_k, self.impl = top_k, impl
         self.router = TopkRouter(dim, num_experts)
         self.experts = nn.ModuleList(Expert(dim) for _ in range(num_experts))
+        self._cache = None  # (parameter versions, stacked weights): see stacked
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        nets = [e.net for e in self.experts]
-        out, aux, z = reference.moe_ref(
-            x.reshape(-1, x.shape[-1]), self.router.linear.weight, self.router.linear.bias,
-            [n[0].weight for n in nets], [n[0].bias for n in nets], [n[3].weight for n in nets],
-            [n[3].bias for n in nets], self.top_k, nets[0][2].p, self.training,
-        )
+        tokens = x.reshape(-1, x.shape[-1])
+        p = self.experts[0].net[2].p
+        if _is_reference(self.impl):
+            nets = [e.net for e in self.experts]
+            out, aux, z = reference.moe_ref(
+                tokens, self.router.linear.weight, self.router.linear.bias, [n[0].weight for n in nets],
+                [n[0].bias for n in nets], [n[3].weight for n in nets], [n[3].bias for n in nets], self.top_k, p,
+                self.training,
+            )
+            return out.view_as(x), aux, z
+        w1 = self.experts[0].net[0].weight
+        mask = None
+        if self.training and p > 0:
+            keep = torch.rand(tokens.shape[0], self.top_k, w1.shape[0], device=x.device) >= p
+            mask = keep.to(x.dtype) / (1 - p)
+        out, aux, z = moe(tokens, *self.stacked(), self.top_k, mask, impl=self.impl)
         return out.view_as(x), aux, z
+
+    def stacked(self) -> tuple[Tensor, ...]:
+        """(router weight, router bias, w1 (E, F, D), b1 (E, F), w2 (E, D, F), b2 (E, D)): the experts'
+        Linear layers stacked, built as _built_once says."""
+        nets = [e.net for e in self.experts]
+        layers = [(n[0].weight, n[0].bias, n[3].weight, n[3].bias) for n in nets]
+        router = self.router.linear
+        params = [router.weight, router.bias, *(p for layer in layers for p in layer)]
+
+        def build():
+            return (router.weight, router.bias, *(torch.stack(ts) for ts in zip(*layers)))
+
+        return _built_once(self, params, build)
 
 
 class MLP(nn.Module):
@@ -296,7 +333,7 @@ class LifeIQA(nn.Module):
         self.proj_layer3 = nn.Linear(stage_channels[2], embed_dim)
         self.proj_layer4 = nn.Conv2d(stage_channels[3], embed_dim, kernel_size=1)
         self.bunch_decoder = Decoder(depth, embed_dim, num_heads, num_queries, adjacency == "learnable", impl)
-        self.MOE = MLP(embed_dim) if num_experts == 1 else SparseMoE(embed_dim, num_experts, top_k)
+        self.MOE = MLP(embed_dim) if num_experts == 1 else SparseMoE(embed_dim, num_experts, top_k, impl)
         self.norm3 = nn.LayerNorm(embed_dim, eps=1e-5)
         self.dropout3 = nn.Dropout(0.1)
         self.fc = nn.Linear(embed_dim, 1)
@@ -343,6 +380,8 @@ class LifeIQA(nn.Module):
             _check_impl(value)
         self._impl = value
         self.UPP_layer3.impl = self.bunch_decoder.impl = value
+        if isinstance(self.MOE, SparseMoE):
+            self.MOE.impl = value
         for layer in self.bunch_decoder.layers:
             layer.impl = value
 

@@ -24,6 +24,7 @@
 
 #include "cpu.h"
 #include "cross_attention.h"
+#include "vec8.h"
 
 namespace lifeiqa_fast {
 namespace {
@@ -122,16 +123,6 @@ LIFEIQA_CPU_CLONES void attend_head(const Attend& p, const scalar_t* __restrict_
 // fp32 with head_dim a multiple of 8: the same task on eight-float vectors (GCC/Clang vector
 // extensions, as in gcn.cpp), the softmax's exponentials included, compiled for AVX2 + FMA and for
 // the baseline ISA.
-// The helpers take vectors by reference: a 32-byte vector passed by value has no stable ABI without AVX.
-typedef float vec8 __attribute__((vector_size(32)));
-typedef int32_t ivec8 __attribute__((vector_size(32)));
-
-__attribute__((always_inline)) inline void load8(vec8& v, const float* p) { std::memcpy(&v, p, sizeof(v)); }
-
-__attribute__((always_inline)) inline float sum8(const vec8& v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
-
 // exp(x) for x <= 0 (a score minus its row's maximum), within 2 ulp: x = n ln2 + r with |r| <= ln2 / 2,
 // exp(r) by the Cephes polynomial, 2^n put into the exponent bits. Below -87 (where exp underflows
 // fp32's normal range) the result is exp(-87) ~ 1.6e-38, not 0: nothing next to a row sum >= 1.

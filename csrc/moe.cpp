@@ -22,6 +22,7 @@
 
 #include "cpu.h"
 #include "moe.h"
+#include "vec8.h"
 
 namespace lifeiqa_fast {
 namespace {
@@ -41,6 +42,78 @@ Groups group_by_expert(const at::Tensor& indices, int64_t E) {
     g.tokens[p[i]].push_back(i / k);
   }
   return g;
+}
+
+// An expert chosen by at most this many tokens runs its layers as small_linear (fp32): a handful of
+// rows is a matrix-vector product per row, bound by reading the weights, which BLAS GEMMs stream at
+// about half the speed (one image's 6 tokens give each chosen expert one or two rows).
+constexpr int64_t kSmallRows = 4;
+
+// y (R, N) = x (R, K) W^T + b for outputs [begin, end), W (N, K) row-major: each weight row is read
+// once, for all R rows, into R vector accumulators.
+template <int R>
+__attribute__((always_inline)) inline void small_linear_rows(const float* __restrict__ x, int64_t K,
+                                                             const float* __restrict__ W, const float* __restrict__ b,
+                                                             int64_t begin, int64_t end, int64_t N,
+                                                             float* __restrict__ y) {
+  for (int64_t o = begin; o < end; ++o) {
+    const float* __restrict__ w = W + o * K;
+    vec8 acc[R], wv, xv;
+    for (int r = 0; r < R; ++r) acc[r] = vec8{};
+    int64_t c = 0;
+    for (; c + 8 <= K; c += 8) {
+      load8(wv, w + c);
+      for (int r = 0; r < R; ++r) {
+        load8(xv, x + r * K + c);
+        acc[r] += xv * wv;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float sum = sum8(acc[r]);
+      for (int64_t cc = c; cc < K; ++cc) sum += x[r * K + cc] * w[cc];
+      y[r * N + o] = sum + b[o];
+    }
+  }
+}
+
+__attribute__((always_inline)) inline void small_linear_impl(const float* x, int64_t rows, int64_t K, const float* W,
+                                                             const float* b, int64_t begin, int64_t end, int64_t N,
+                                                             float* y) {
+  static_assert(kSmallRows == 4, "one case per row count");
+  switch (rows) {
+    case 1: return small_linear_rows<1>(x, K, W, b, begin, end, N, y);
+    case 2: return small_linear_rows<2>(x, K, W, b, begin, end, N, y);
+    case 3: return small_linear_rows<3>(x, K, W, b, begin, end, N, y);
+    default: return small_linear_rows<4>(x, K, W, b, begin, end, N, y);
+  }
+}
+
+__attribute__((target("avx2,fma"))) void small_linear_avx2(const float* x, int64_t rows, int64_t K, const float* W,
+                                                           const float* b, int64_t begin, int64_t end, int64_t N,
+                                                           float* y) {
+  small_linear_impl(x, rows, K, W, b, begin, end, N, y);
+}
+void small_linear_baseline(const float* x, int64_t rows, int64_t K, const float* W, const float* b, int64_t begin,
+                           int64_t end, int64_t N, float* y) {
+  small_linear_impl(x, rows, K, W, b, begin, end, N, y);
+}
+
+// x (rows, K) W^T + b as a new (rows, N) tensor: small_linear for a few fp32 rows, else BLAS.
+at::Tensor expert_linear(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b) {
+  const int64_t rows = x.size(0), K = x.size(1), N = W.size(0);
+  if (x.scalar_type() != at::kFloat || rows > kSmallRows) return b.addmm(x, W.t());
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  static const bool avx2 = false;
+#endif
+  at::Tensor y = at::empty({rows, N}, x.options());
+  const float *xp = x.const_data_ptr<float>(), *wp = W.const_data_ptr<float>(), *bp = b.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, kMinElementsPerTask / K), [&](int64_t begin, int64_t end) {
+    (avx2 ? small_linear_avx2 : small_linear_baseline)(xp, rows, K, wp, bp, begin, end, N, yp);
+  });
+  return y;
 }
 
 at::Tensor ids(std::vector<int64_t>& v, const at::Tensor& like) {
@@ -75,7 +148,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const scalar_t* mp = dropout_mask.has_value() ? dropout_mask->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* hp = hidden.mutable_data_ptr<scalar_t>();
     scalar_t* yp = expert_out.mutable_data_ptr<scalar_t>();
-    for (int64_t e = 0; e < E; ++e) {
+    // Experts with many rows: one task per expert, each its GEMMs on one thread (faster than splitting
+    // every expert's small GEMMs over the threads). With a few rows each: one expert after another,
+    // small_linear splitting each weight matrix over the threads.
+    const bool per_expert = T * k > E * kSmallRows;
+    at::parallel_for(0, E, per_expert ? 1 : E, [&](int64_t e_begin, int64_t e_end) {
+    for (int64_t e = e_begin; e < e_end; ++e) {
       const std::vector<int64_t>& pairs = groups.pairs[e];
       const int64_t n = static_cast<int64_t>(pairs.size());
       if (n == 0) continue;
@@ -88,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (int64_t r = 0; r < n; ++r) std::memcpy(xr + r * D, xp + (pairs[r] / k) * D, D * sizeof(scalar_t));
       }
       // (n or T, F) with the bias, rounded once as F.linear's; then ReLU and mask into hidden's pair rows
-      const at::Tensor h = b1[e].addmm(xe, w1[e].t());
+      const at::Tensor h = expert_linear(xe, w1[e], b1[e]);
       const scalar_t* h_in = h.const_data_ptr<scalar_t>();
       at::Tensor he = at::empty({n, F}, x.options());
       scalar_t* h_out = he.mutable_data_ptr<scalar_t>();
@@ -103,10 +181,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           }
         }
       });
-      const at::Tensor y = b2[e].addmm(he, w2[e].t());  // (n, D), into expert_out's pair rows
+      const at::Tensor y = expert_linear(he, w2[e], b2[e]);  // (n, D), into expert_out's pair rows
       const scalar_t* y_in = y.const_data_ptr<scalar_t>();
       for (int64_t r = 0; r < n; ++r) std::memcpy(yp + pairs[r] * D, y_in + r * D, D * sizeof(scalar_t));
     }
+    });
     // out = the gated sum of each token's expert outputs, in fp32 (fp64), rounded once
     const acc_t* gp = gates.const_data_ptr<acc_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();

@@ -41,8 +41,9 @@ from tqdm import tqdm  # a dependency of timm's
 import lifeiqa_fast
 from lifeiqa_fast.model import Decoder
 from lifeiqa_fast.ops import cross_attention, gcn, grid_pool
+from lifeiqa_fast.ops.moe import moe_triton
 from lifeiqa_fast.ops._impl import choose, triton_interpreted
-from lifeiqa_fast.reference import cross_attention_ref, fixed_adjacency, gcn_ref, grid_pool_ref
+from lifeiqa_fast.reference import cross_attention_ref, fixed_adjacency, gcn_ref, grid_pool_ref, moe_ref
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -207,6 +208,31 @@ def _decoder_build(impl: str, device: torch.device, dtype: torch.dtype):
     return decoder, tuple(decoder.parameters())
 
 
+EXPERTS, TOP_K = 8, 2  # Life-IQA's default mixture: 8 experts of 384 -> 1536 -> 384, top-2
+
+
+def _moe_inputs(batch: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    """The MoE of a batch: its 6 B tokens x (6 B, 384), the router (8, 384), (8,) and the experts
+    stacked as nn.Linear stores them: w1 (8, 1536, 384), b1 (8, 1536), w2 (8, 384, 1536), b2 (8, 384)."""
+    e, d, f = EXPERTS, DIM, 4 * DIM
+    weights = (torch.randn(e, d) * d**-0.5, 0.1 * torch.randn(e), torch.randn(e, f, d) * d**-0.5,
+               0.1 * torch.randn(e, f), torch.randn(e, d, f) * f**-0.5, 0.1 * torch.randn(e, d))
+    return tuple(t.to(device, dtype) for t in (torch.randn(QUERIES * batch, d), *weights))
+
+
+MOE_IMPLS = {"native-grouped": ("native", False), "native-dense": ("native", True),
+             "triton-grouped": ("triton", False), "triton-dense": ("triton", True)}  # label: (impl, dense)
+
+
+def _moe_build(impl: str, device: torch.device, dtype: torch.dtype):
+    if impl == "eager":  # the authors' module: a masked loop over the experts, a host sync per expert
+        return (lambda x, *weights: moe_ref(x, *weights, TOP_K)), ()
+    which, dense = MOE_IMPLS[impl]
+    _check_timeable("moe", which, device)
+    op = torch.ops.lifeiqa_fast.moe if which == "native" else moe_triton
+    return (lambda x, *weights: op(x, *weights, TOP_K, None, dense)[:3]), ()
+
+
 # The model of the head and model rows: the default Swin-B backbone (random weights) and head.
 # MODEL_IMPLS: our implementations of it by label, as LifeIQA arguments; eager is impl="reference".
 MODEL_CONFIG = dict(num_experts=8, top_k=2, depth=4)
@@ -261,6 +287,7 @@ CASES = {case.op: case for case in (
          OP_BATCHES, quick=(1, 32)),
     Case("decoder", _decoder_inputs, _decoder_build, tuple(DECODER_IMPLS), MODEL_TOLERANCE, OP_BATCHES,
          quick=(1, 32)),
+    Case("moe", _moe_inputs, _moe_build, tuple(MOE_IMPLS), MODEL_TOLERANCE, OP_BATCHES, quick=(1, 32)),
     Case("head", _stage_maps, functools.partial(_lifeiqa_build, head=True), tuple(MODEL_IMPLS), MODEL_TOLERANCE,
          {"cpu": (1, 8, 64), "cuda": (1, 8, 64, 256)}, quick=(1,), grad_outputs=_loss_gradients),
     # Swin-B costs ~0.2 s per image on a 2-core CPU and torch.compile of it ~1 min per shape there.

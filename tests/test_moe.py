@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lifeiqa_fast import ops
+from lifeiqa_fast.ops._impl import triton_status
 from lifeiqa_fast.reference import moe_ref
 
 from helpers import assert_gradients_match, assert_matches_reference, dtypes_for, impl_params, tolerance
@@ -197,3 +198,41 @@ def test_dense_backward_equals_the_grouped_one():
              torch.tensor(-0.3, dtype=torch.float64))
     args = (*grads, x, router_weight, w1, w2, mask, *saved)
     torch.testing.assert_close(moe_module._dense_backward(*args), torch.ops.lifeiqa_fast.moe_backward(*args))
+
+
+@pytest.mark.skipif(triton_status()[0] is False, reason="Triton is not installed")
+def test_grouping_plumbing():
+    """The device-side grouping of the Triton kernels: the order is a bijection on the pairs, each
+    expert's segment holds exactly its pairs in ascending order, offsets are the counts' exclusive sums."""
+    from lifeiqa_fast.triton.moe import group_pairs
+
+    indices = torch.randint(0, 8, (257 * 6, 2), generator=torch.Generator().manual_seed(5))
+    indices[:, 1] = (indices[:, 0] + 1 + indices[:, 1] % 7) % 8  # two distinct experts per token
+    order, counts, offsets = group_pairs(indices, 8)
+    flat = indices.flatten()
+    assert torch.equal(order.sort().values, torch.arange(flat.numel()))
+    assert torch.equal(counts, torch.bincount(flat, minlength=8))
+    assert torch.equal(offsets, torch.cumsum(counts, 0) - counts)
+    for e in range(8):
+        segment = order[offsets[e] : offsets[e] + counts[e]]
+        assert bool((flat[segment] == e).all()) and bool((segment.diff() > 0).all())
+    assert group_pairs(indices[:0], 8)[1].sum() == 0  # no tokens
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", ["native", "triton"])
+def test_no_host_synchronisation_on_gpu(impl):
+    """Forward and backward of the GPU kernels under torch.cuda's sync debug mode "error": any
+    device-to-host synchronisation raises."""
+    tensors, k = _inputs((6 * 64, 384, 1536, 8, 2, "random"), torch.float32, "cuda")
+    leaves = [t.requires_grad_() for t in tensors]
+    mask = (torch.rand(6 * 64, k, 1536, device="cuda") > 0.1).float() / 0.9
+    ops.moe(*leaves, k, mask, impl=impl)  # compile and warm up outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, aux, z = ops.moe(*leaves, k, mask, impl=impl)
+        torch.autograd.backward((out.sum() + 0.01 * aux + 0.001 * z,))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -115,7 +115,7 @@ def _dense_backward(grad, grad_aux, grad_z, x, router_weight, w1, w2, dropout_ma
     T, D = x.shape
     E = w1.shape[0]
     g, xa, h = grad.to(acc), x.to(acc), hidden.to(acc)
-    sel = torch.nn.functional.one_hot(indices, E).to(acc)  # (T, k, E)
+    sel = (indices.unsqueeze(-1) == torch.arange(E, device=indices.device)).to(acc)  # (T, k, E); one_hot syncs
     d_y = gates.unsqueeze(-1) * g.unsqueeze(1)  # (T, k, D)
     counts = sel.sum((0, 1))
     d_gates = (g.unsqueeze(1) * expert_out.to(acc)).sum(-1) + grad_aux.to(acc) * E / max(T, 1) ** 2 * counts[indices]

@@ -174,6 +174,17 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot wants every tile dimension >= 16
 
 
+def group_pairs(indices, num_experts):
+    """The (token, choice) pairs p = t k + j grouped by expert on the device, with no host
+    synchronisation: (order (P,), counts (E,), offsets (E,)), expert e's pairs being order[offsets[e] :
+    offsets[e] + counts[e]], ascending. Example: indices ((2, 0), (0, 1)) -> flat (2, 0, 0, 1) ->
+    order (1, 2, 3, 0), counts (2, 1, 1), offsets (0, 2, 3)."""
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # (P,) int64
+    counts = (flat.unsqueeze(1) == torch.arange(num_experts, device=flat.device)).sum(dim=0)  # (E,) int64
+    return order, counts, torch.cumsum(counts, dim=0) - counts
+
+
 def moe_forward(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask, dense):
     """x (T, D) contiguous; router_weight (E, D), router_bias (E,); w1 (E, F, D), b1 (E, F), w2 (E, D, F),
     b2 (E, D), all of x's dtype; top_k in [1, E]; dropout_mask None or (T, top_k, F) of x's dtype; dense:
@@ -202,7 +213,7 @@ def moe_forward(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_ma
     # aux = E sum_e (sum of e's gates / T) (count of e / T); z = mean_t lse_t^2. Device reductions, so
     # T = 0 gives NaN for both, as the reference's means over no tokens do.
     hit = indices.reshape(P, 1) == torch.arange(E, device=dev)  # (P, E): pair p chose expert e
-    counts = hit.sum(dim=0)  # (E,) int64
+    order, counts, offsets = group_pairs(indices, E)
     aux = E * ((hit * gates.reshape(P, 1)).sum(dim=0) / T * (counts.to(acc) / T)).sum()
     z = (lse * lse).mean()
     if T == 0:
@@ -219,11 +230,6 @@ def moe_forward(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_ma
                 RELU=relu, MASKED=use_mask, BN=BLOCK_N, BK=BLOCK_K, ACC=ACC,
             )
     else:
-        # Pairs sorted by expert, stably: indices ((2, 0), (0, 1)) -> flat (2, 0, 0, 1) -> order
-        # (1, 2, 3, 0), counts (2, 1, 1), offsets (0, 2, 3); expert e's pairs are
-        # order[offsets[e] : offsets[e] + counts[e]].
-        order = torch.argsort(indices.reshape(P), stable=True)  # (P,) int64
-        offsets = torch.cumsum(counts, dim=0) - counts  # (E,)
         for inp, div, w, b, msk, dst, K, N, relu, use_mask in layers:
             _moe_expert_grouped_kernel[(triton.cdiv(P, BLOCK_M), E, triton.cdiv(N, BLOCK_N))](
                 inp, div, w, b, msk, dst, order, counts, offsets, K, N,

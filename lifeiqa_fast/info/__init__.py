@@ -13,7 +13,7 @@ from .. import _ext
 from .._version import __version__
 from ..ops._impl import choose, triton_status, validation
 
-OPS = ("grid_pool", "gcn", "cross_attention")
+OPS = ("grid_pool", "gcn", "cross_attention", "moe")
 
 
 def _version(module: str) -> str | None:

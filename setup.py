@@ -49,12 +49,14 @@ cuda_sources = sorted(glob.glob("kernels/*.cu")) if with_cuda else []
 
 
 def _kernel_source_hashes():
-    """sha256 per op of its CUDA source and shared header: what a GPU validation record names."""
+    """sha256 per op of its CUDA source, its headers and the kernels' shared header: what a GPU
+    validation record names."""
     hashes = {}
     for cu in sorted(glob.glob("kernels/*.cu")):
         op = os.path.splitext(os.path.basename(cu))[0]
         h = hashlib.sha256()
-        for path in [cu, *sorted(glob.glob(f"kernels/{op}.cuh")), *sorted(glob.glob(f"csrc/{op}.h"))]:
+        for path in [cu, *sorted(glob.glob(f"kernels/{op}.cuh")), *sorted(glob.glob(f"csrc/{op}.h")),
+                     "kernels/warp.cuh"]:
             with open(path, "rb") as f:
                 h.update(f.read())
         hashes[op] = h.hexdigest()

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "cross_attention.h"
+#include "warp.cuh"
 
 namespace lifeiqa_fast {
 namespace {
@@ -22,22 +23,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kKeys = 32;    // keys per online-softmax step: one per lane of a row's warp
 constexpr int kUnroll = 4;   // 32-wide k steps whose weights a projection loads before using them
-constexpr unsigned kFullMask = 0xffffffffu;
 static_assert(kKeys == 32, "the softmax update gives each key of a chunk to one lane");
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int s = 16; s >= 1; s /= 2) v += __shfl_xor_sync(kFullMask, v, s);
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
-#pragma unroll
-  for (int s = 16; s >= 1; s /= 2) v = max(v, __shfl_xor_sync(kFullMask, v, s));
-  return v;
-}
 
 // One halving exchange of warp_transpose_sum: a lane keeps the half of its first 2S values selected by
 // bit S of its lane id and adds its partner's (lane ^ S) copy of that half.

@@ -28,13 +28,13 @@
 #include <torch/library.h>
 
 #include "moe.h"
+#include "warp.cuh"
 
 namespace lifeiqa_fast {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kRouteChunk = 8;  // experts whose router rows a warp reads in one pass over x
 constexpr int kPairCols = 4;    // output columns per warp of _moe_pair_kernel
 constexpr int kTileM = 64;      // pairs per tile of _moe_grouped_kernel
@@ -46,20 +46,6 @@ constexpr int kMaxGridYZ = 65535;
 static_assert(kTileM == kTileN, "one loader index serves both operand tiles");
 static_assert(kTileM == 16 * kMicro && kThreads == 16 * 16, "a 16 x 16 thread grid covers the tile");
 static_assert(kTileM * kTileK % kThreads == 0, "every thread loads the same number of elements");
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int s = 16; s >= 1; s /= 2) v += __shfl_xor_sync(kFullMask, v, s);
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
-#pragma unroll
-  for (int s = 16; s >= 1; s /= 2) v = max(v, __shfl_xor_sync(kFullMask, v, s));
-  return v;
-}
 
 // Whether logit (va, ia) ranks before (vb, ib) in torch.topk's order: NaN first, then larger values,
 // equal values by lower expert index. A strict total order, so the k-th choice is the first-ranked

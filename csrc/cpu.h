@@ -13,6 +13,17 @@ namespace lifeiqa_fast {
 #define LIFEIQA_CPU_CLONES
 #endif
 
+// Whether this CPU runs the kernels' AVX2 + FMA builds (target("avx2,fma") functions, picked at
+// run time where target_clones cannot be used, e.g. for functions with vector arguments).
+inline bool cpu_has_avx2_fma() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+#else
+  return false;
+#endif
+}
+
 // Elements one task of the thread pool should cover at least: below this, a round trip through the
 // pool costs more than the work it spreads (a batch-1 Life-IQA stage map is ~100k elements).
 constexpr int64_t kMinElementsPerTask = 32768;

@@ -215,11 +215,7 @@ template <typename scalar_t>
 void attend(const Attend& p, const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* o,
             acc_type<scalar_t>* lse, acc_type<scalar_t>* buf) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    static const bool avx2 = false;
-#endif
+    const bool avx2 = cpu_has_avx2_fma();
     if (p.hd % 8 == 0) {
       return avx2 ? attend_head_f32_avx2(p, q, k, v, o, lse, buf) : attend_head_f32_baseline(p, q, k, v, o, lse, buf);
     }
@@ -388,6 +384,7 @@ cross_attention_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const 
   at::Tensor xhat = at::empty({B * Nq, D}, x.options().dtype(acc_dtype));
   at::Tensor xn = at::empty({B * Nq, D}, x.options().dtype(acc_dtype));  // the LayerNorm's output
   at::Tensor dx = at::empty_like(x);
+  at::Tensor dxn;  // the gradient of the LayerNorm's output
   const at::Tensor dout = g.mm(out_weight.to(acc_dtype));  // d out_proj's input: (B * Nq, D)
   const Attend p{Nq, Nk, D, H, D / H, kv.stride(0), kv.stride(1), kv.stride(2)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lifeiqa_fast_cross_attention_backward",
@@ -423,15 +420,10 @@ cross_attention_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const 
         xnp[i] = xh[i] * static_cast<acc_t>(nw[c]) + static_cast<acc_t>(nb[c]);
       }
     });
-  });
-  const at::Tensor dxn = dq.mm(q_weight.to(acc_dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lifeiqa_fast_layer_norm_backward", [&] {
-    using acc_t = acc_type<scalar_t>;
+    dxn = dq.mm(q_weight.to(acc_dtype));
     at::parallel_for(0, B * Nq, std::max<int64_t>(1, kMinElementsPerTask / D), [&](int64_t begin, int64_t end) {
-      layer_norm_backward_rows<scalar_t>(xhat.const_data_ptr<acc_t>(), dxn.const_data_ptr<acc_t>(),
-                                         g.const_data_ptr<acc_t>(), stats.const_data_ptr<acc_t>(),
-                                         norm_weight.const_data_ptr<scalar_t>(), begin, end, D,
-                                         dx.mutable_data_ptr<scalar_t>());
+      layer_norm_backward_rows<scalar_t>(xh, dxn.const_data_ptr<acc_t>(), g.const_data_ptr<acc_t>(), st, nw, begin, end,
+                                         D, dx.mutable_data_ptr<scalar_t>());
     });
   });
   const auto cast = [&](const at::Tensor& t) { return t.to(x.scalar_type()); };

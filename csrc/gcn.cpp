@@ -201,11 +201,7 @@ __attribute__((target("avx2,fma"))) void conv_tasks_avx2(const Conv& p, int64_t 
 void conv_tasks_baseline(const Conv& p, int64_t begin, int64_t end) { conv_tasks_impl(p, begin, end); }
 
 void conv_layer(const Conv& p, int64_t B) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  static const bool avx2 = false;
-#endif
+  const bool avx2 = cpu_has_avx2_fma();
   const int64_t blocks = (p.C + kCols - 1) / kCols;
   // a task is N * K * kCols multiply-adds; spread them only when each thread gets enough of them
   const int64_t grain = std::max<int64_t>(1, 4 * kMinElementsPerTask / std::max<int64_t>(1, p.N * p.K * kCols));

@@ -16,7 +16,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <ATen/ops/full.h>
+#include <ATen/ops/ones_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -102,11 +102,7 @@ void small_linear_baseline(const float* x, int64_t rows, int64_t K, const float*
 at::Tensor expert_linear(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b) {
   const int64_t rows = x.size(0), K = x.size(1), N = W.size(0);
   if (x.scalar_type() != at::kFloat || rows > kSmallRows) return b.addmm(x, W.t());
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  static const bool avx2 = false;
-#endif
+  const bool avx2 = cpu_has_avx2_fma();
   at::Tensor y = at::empty({rows, N}, x.options());
   const float *xp = x.const_data_ptr<float>(), *wp = W.const_data_ptr<float>(), *bp = b.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
@@ -133,6 +129,11 @@ std::vector<std::vector<int64_t>> deal(const Groups& groups, int64_t bins) {
   return lists;
 }
 
+// (E,): the sum over the (token, choice) pairs that chose each expert of values (T, k).
+at::Tensor sum_per_expert(const at::Tensor& indices, const at::Tensor& values, int64_t E) {
+  return at::zeros({E}, values.options()).index_add(0, indices.flatten(), values.flatten());
+}
+
 at::Tensor ids(std::vector<int64_t>& v, const at::Tensor& like) {
   return at::from_blob(v.data(), {static_cast<int64_t>(v.size())}, like.options().dtype(at::kLong));
 }
@@ -151,9 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor lse = logits.logsumexp({-1});
   const at::Tensor z = lse.mul(lse).mean();
   // aux = E * sum_e (sum of e's gates / T) * (count_e / T), the count detached
-  const at::Tensor gate_sums = at::zeros({E}, logits.options()).index_add(0, indices.flatten(), gates.flatten());
-  const at::Tensor counts = at::zeros({E}, logits.options())
-                                .index_add(0, indices.flatten(), at::full({T * k}, 1.0, logits.options()));
+  const at::Tensor gate_sums = sum_per_expert(indices, gates, E);
+  const at::Tensor counts = sum_per_expert(indices, at::ones_like(gates), E);
   const at::Tensor aux = gate_sums.mul(counts).sum().mul(static_cast<double>(E) / (static_cast<double>(T) * T));
   at::Tensor hidden = at::empty({T, k, F}, x.options());
   at::Tensor expert_out = at::empty({T, k, D}, x.options());
@@ -236,8 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               "lifeiqa_fast.moe_backward: grad and the saved tensors must have the forward's shapes");
   const at::ScalarType acc = logits.scalar_type();
   const at::Tensor g = grad.to(acc), xa = x.to(acc);
-  const at::Tensor counts = at::zeros({E}, logits.options())
-                                .index_add(0, indices.flatten(), at::full({T * k}, 1.0, logits.options()));
+  const at::Tensor counts = sum_per_expert(indices, at::ones_like(gates), E);
   const at::Tensor d_y = gates.unsqueeze(-1).mul(g.unsqueeze(1)).view({T * k, D});  // (T * k, D)
   at::Tensor d_gates = g.unsqueeze(1).mul(expert_out.to(acc)).sum(-1);                // (T, k)
   d_gates = d_gates.add(counts.index_select(0, indices.flatten()).view({T, k}).mul(grad_aux.to(acc))

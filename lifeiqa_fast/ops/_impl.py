@@ -157,3 +157,8 @@ def check_like_x(op: str, x: torch.Tensor, tensors: dict, shapes: dict) -> None:
         if t.dtype != x.dtype or t.device != x.device:
             raise ValueError(f"lifeiqa_fast.{op}: {name} must have x's dtype and device ({x.dtype}, {x.device}), "
                              f"got ({t.dtype}, {t.device})")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate in, and return statistics in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import _ext
 from ..reference import cross_attention_ref
 from ..triton import cross_attention as _triton
-from ._impl import check_like_x, check_tensors, resolve
+from ._impl import acc_dtype, check_like_x, check_tensors, resolve
 
 MAX_QUERIES = 64  # csrc/cross_attention.h, kAttnMaxQueries
 MAX_HEAD_DIM = 128  # csrc/cross_attention.h, kAttnMaxHeadDim
@@ -69,7 +69,7 @@ def attend_memory(x: Tensor, memory: Tensor, norm_weight: Tensor, norm_bias: Ten
     w_k, w_v = in_proj_weight[D : 2 * D].view(H, hd, D), in_proj_weight[2 * D :].view(H, hd, D)
     q_mem = torch.bmm((q * hd**-0.5).view(B * Nq, H, hd).transpose(0, 1), w_k)  # (H, B * Nq, D)
     q_mem = q_mem.view(H, B, Nq, D).transpose(0, 1).reshape(B, H * Nq, D)
-    p = torch.softmax(torch.bmm(q_mem, memory.transpose(1, 2)), dim=-1, dtype=_acc_dtype(x.dtype)).to(x.dtype)
+    p = torch.softmax(torch.bmm(q_mem, memory.transpose(1, 2)), dim=-1, dtype=acc_dtype(x.dtype)).to(x.dtype)
     pm = torch.bmm(p, memory).view(B, H, Nq, D).transpose(0, 1).reshape(H, B * Nq, D)  # (H, B * Nq, D)
     o = torch.bmm(pm, w_v.transpose(1, 2)).view(H, B, Nq, hd).permute(1, 2, 0, 3).reshape(B, Nq, D)
     return x + F.linear(o + in_proj_bias[2 * D :], out_weight, out_bias)
@@ -136,13 +136,9 @@ def cross_attention_triton(x: Tensor, kv: Tensor, norm_weight: Tensor, norm_bias
                                            num_heads, eps)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _fake(x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias, num_heads, eps):
     B, Nq, D = x.shape
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     return (x.new_empty(B, Nq, D), x.new_empty(B, Nq, D), x.new_empty(B, Nq, D),
             x.new_empty(B, num_heads, Nq, dtype=acc), x.new_empty(B, Nq, 2, dtype=acc))
 
@@ -162,7 +158,7 @@ def _backward(ctx, grad, *_unused):
     dWq = dq^T xn, dxn = dq Wq, dx = dout + rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) with
     dxhat = dxn g. Composite ATen ops in fp32 (fp64 for fp64), batched over images and heads."""
     x, kv, norm_weight, norm_bias, q_weight, out_weight, q, o, lse, stats = ctx.saved_tensors
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     B, Nq, D = x.shape
     H = ctx.num_heads
     hd = D // H

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..reference import moe_ref
-from ._impl import check_like_x, check_tensors, resolve
+from ._impl import acc_dtype, check_like_x, check_tensors, resolve
 
 # Tokens up to which "dense" (every expert on every token) runs instead of "grouped" (tokens grouped
 # by expert, each expert on its own rows), per device type. CPU: grouped always; dense does E / k
@@ -38,8 +38,7 @@ def moe(x: Tensor, router_weight: Tensor, router_bias: Tensor, w1: Tensor, b1: T
     which = resolve("moe", x, impl)
     if which == "reference":
         out, aux, z = moe_ref(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask=dropout_mask)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return out, aux.to(acc), z.to(acc)
+        return out, aux.to(acc_dtype(x.dtype)), z.to(acc_dtype(x.dtype))
     dense = x.shape[0] <= DENSE_MAX_TOKENS.get(x.device.type, 0)
     weights = (t.contiguous() for t in (router_weight, router_bias, w1, b1, w2, b2))
     mask = None if dropout_mask is None else dropout_mask.contiguous()
@@ -80,7 +79,7 @@ def moe_triton(x: Tensor, router_weight: Tensor, router_bias: Tensor, w1: Tensor
 def _fake(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask, dense):
     T, D = x.shape
     E, F = w1.shape[:2]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     return (x.new_empty(T, D), x.new_empty((), dtype=acc), x.new_empty((), dtype=acc), x.new_empty(T, E, dtype=acc),
             x.new_empty(T, top_k, dtype=torch.int64), x.new_empty(T, top_k, dtype=acc), x.new_empty(T, top_k, F),
             x.new_empty(T, top_k, D))

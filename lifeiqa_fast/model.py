@@ -265,7 +265,60 @@ def _create_backbone(name: str, pretrained, kwargs: dict) -> nn.Module:
     return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)
 
 
-class LifeIQA(nn.Module):
+class FusedForward:
+    """The forward pass of a Life-IQA model through lifeiqa_fast's ops, for any module with the authors'
+    attribute layout (SPEC.md): LifeIQA, and models that optimize() converted. Reads only the
+    attributes backbone_stages, proj_layer4, bunch_embedding, UPP_layer3, proj_layer3, bunch_decoder,
+    norm3, MOE, gamma, dropout3 and fc, whose submodules are this module's classes."""
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, 3, H, W) -> (f3 (B, H/16, W/16, C3), f4 (B, H/32, W/32, C4)): NHWC stage maps, no final norm."""
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"lifeiqa_fast.LifeIQA: x must be an image batch of shape (B, 3, H, W), got {shape}")
+        feats = []
+        for stage in self.backbone_stages:
+            x = stage(x)
+            feats.append(x)
+        return feats[2], feats[3]
+
+    def forward_head(self, f3: Tensor, f4: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(f3 (B, h3, w3, C3), f4 (B, h4, w4, C4)) NHWC -> (score (B, 1), aux (), z ())."""
+        B = f4.shape[0]
+        if _is_reference(self.impl):  # the authors' order: 1x1 conv over every position, then the mean
+            g = self.proj_layer4(f4.permute(0, 3, 1, 2)).flatten(2).mean(dim=2)  # (B, D)
+        else:  # the same value: the mean commutes with the 1x1 conv, so pool first
+            w = self.proj_layer4.weight
+            g = F.linear(f4.mean(dim=(1, 2)), w.view(w.shape[0], w.shape[1]), self.proj_layer4.bias)  # (B, D)
+        x = self.bunch_embedding + g.unsqueeze(1)  # (B, N, D)
+        memory = self.proj_layer3(self.UPP_layer3(f3))  # (B, 49, D)
+        x = self.bunch_decoder(x, memory)
+        y = self.norm3(x)
+        moe_out, aux, z = self.MOE(y)
+        y = self.dropout3(y + self.gamma * moe_out)
+        score = self.fc(y).view(B, -1).mean(dim=1, keepdim=True)  # (B, 1)
+        return score, aux, z
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.forward_head(*self.forward_features(x))
+
+    @property
+    def impl(self) -> str | None:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str | None) -> None:
+        if value is not None:
+            _check_impl(value)
+        self._impl = value
+        self.UPP_layer3.impl = self.bunch_decoder.impl = value
+        if isinstance(self.MOE, SparseMoE):
+            self.MOE.impl = value
+        for layer in self.bunch_decoder.layers:
+            layer.impl = value
+
+
+class LifeIQA(FusedForward, nn.Module):
     """Life-IQA (Tang et al., CVPR 2026): Swin backbone + GCN / cross-attention decoder + sparse MoE head.
 
     Args:
@@ -339,53 +392,6 @@ class LifeIQA(nn.Module):
         self.fc = nn.Linear(embed_dim, 1)
         self.impl = impl
 
-    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, 3, H, W) -> (f3 (B, H/16, W/16, C3), f4 (B, H/32, W/32, C4)): NHWC stage maps, no final norm."""
-        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"lifeiqa_fast.LifeIQA: x must be an image batch of shape (B, 3, H, W), got {shape}")
-        feats = []
-        for stage in self.backbone_stages:
-            x = stage(x)
-            feats.append(x)
-        return feats[2], feats[3]
-
-    def forward_head(self, f3: Tensor, f4: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(f3 (B, h3, w3, C3), f4 (B, h4, w4, C4)) NHWC -> (score (B, 1), aux (), z ())."""
-        B = f4.shape[0]
-        if _is_reference(self.impl):  # the authors' order: 1x1 conv over every position, then the mean
-            g = self.proj_layer4(f4.permute(0, 3, 1, 2)).flatten(2).mean(dim=2)  # (B, D)
-        else:  # the same value: the mean commutes with the 1x1 conv, so pool first
-            w = self.proj_layer4.weight
-            g = F.linear(f4.mean(dim=(1, 2)), w.view(w.shape[0], w.shape[1]), self.proj_layer4.bias)  # (B, D)
-        x = self.bunch_embedding + g.unsqueeze(1)  # (B, N, D)
-        memory = self.proj_layer3(self.UPP_layer3(f3))  # (B, 49, D)
-        x = self.bunch_decoder(x, memory)
-        y = self.norm3(x)
-        moe_out, aux, z = self.MOE(y)
-        y = self.dropout3(y + self.gamma * moe_out)
-        score = self.fc(y).view(B, -1).mean(dim=1, keepdim=True)  # (B, 1)
-        return score, aux, z
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.forward_head(*self.forward_features(x))
-
-    @property
-    def impl(self) -> str | None:
-        return self._impl
-
-    @impl.setter
-    def impl(self, value: str | None) -> None:
-        if value is not None:
-            _check_impl(value)
-        self._impl = value
-        self.UPP_layer3.impl = self.bunch_decoder.impl = value
-        if isinstance(self.MOE, SparseMoE):
-            self.MOE.impl = value
-        for layer in self.bunch_decoder.layers:
-            layer.impl = value
-
-
 def _stand_in(name: str):
     """What an unsafe global of a checkpoint unpickles as: numpy scalars and dtypes (a saved max_plcc)
     as themselves (data only); anything else, such as the authors' yacs config, as a plain mapping, so
@@ -423,12 +429,21 @@ def _infer_config(state_dict: Mapping[str, Tensor]) -> dict:
     return cfg
 
 
+def config_value(config: Mapping, path: str):
+    """config's value at a dotted path of the authors' yacs config ("DATA.DATASET"), or None."""
+    for key in path.split("."):
+        config = config.get(key) if isinstance(config, Mapping) else None
+    return config
+
+
 def load_checkpoint(path_or_dict, map_location="cpu", **overrides) -> LifeIQA:
     """Build a LifeIQA from an official checkpoint and load its weights strictly.
 
     path_or_dict: a file saved by the authors' code ({'model': state_dict, 'optimizer': ..., ...}), a
     bare state dict, or either already loaded. num_experts, depth, num_queries and embed_dim are read
-    from the keys; top_k cannot be (default 2); any LifeIQA argument can be overridden. Files load with
+    from the keys, top_k from the authors' config saved beside them (MODEL.SWIN.TOP_K; default 2);
+    any LifeIQA argument can be overridden. The saved config, as nested dicts ({} if none), is kept as
+    model.checkpoint_config (the Scorer reads its DATA.DATASET). Files load with
     weights_only=True. A key mismatch raises an error listing the missing and unexpected keys.
     """
     if isinstance(path_or_dict, Mapping):
@@ -444,8 +459,12 @@ def load_checkpoint(path_or_dict, map_location="cpu", **overrides) -> LifeIQA:
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state_dict, Mapping):
         raise ValueError("lifeiqa_fast.load_checkpoint: expected a state dict or a dict with a 'model' state dict")
-    config = {**_infer_config(state_dict), **overrides}
+    saved = checkpoint.get("config") if "model" in checkpoint else None
+    saved = saved if isinstance(saved, Mapping) else {}
+    top_k = config_value(saved, "MODEL.SWIN.TOP_K")
+    config = {**_infer_config(state_dict), **({"top_k": int(top_k)} if top_k else {}), **overrides}
     model = LifeIQA(**config)
+    model.checkpoint_config = saved
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
@@ -454,3 +473,73 @@ def load_checkpoint(path_or_dict, map_location="cpu", **overrides) -> LifeIQA:
             f"  unexpected keys ({len(result.unexpected_keys)}): {result.unexpected_keys}"
         )
     return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
+
+
+# The attributes optimize() reads, as the authors' Life_models has them (SPEC.md).
+_LAYOUT = ("backbone_stages", "bunch_embedding", "proj_layer3", "proj_layer4", "UPP_layer3", "bunch_decoder.layers",
+           "norm3", "gamma", "dropout3", "fc", "MOE")
+_LAYER_LAYOUT = ("GCN.gcn1.weight", "GCN.gcn1.bias", "GCN.gcn2.weight", "GCN.gcn2.bias", "GCN.gcn3.weight",
+                 "GCN.gcn3.bias", "norm2", "multihead_attn")
+_MOE_LAYOUT = ("router.linear", "experts", "top_k")
+_FAST_CLASSES: dict[type, type] = {}
+
+
+def _missing(module, paths) -> list[str]:
+    missing = []
+    for path in paths:
+        obj = module
+        for name in path.split("."):
+            obj = getattr(obj, name, None)
+        if obj is None:
+            missing.append(path)
+    return missing
+
+
+def _retype(module: nn.Module, cls: type, **attributes) -> None:
+    """Give module the class cls in place (its parameters, buffers and children stay the same objects),
+    then set the attributes cls's methods read that cls.__init__ would have set."""
+    module.__class__ = cls
+    for name, value in attributes.items():
+        setattr(module, name, value)
+
+
+def optimize(model: nn.Module, impl: str = "auto") -> nn.Module:
+    """Switch a Life-IQA model's head to lifeiqa_fast's fused ops, in place, and return it.
+
+    model: a LifeIQA, or any module with the authors' attribute layout (their Life_models: the
+    attributes backbone_stages, bunch_embedding, proj_layer3, proj_layer4, UPP_layer3,
+    bunch_decoder.layers[i].{GCN.gcn1..3, norm2, multihead_attn}, MOE.{router.linear, experts, top_k}
+    (or MOE.net for one expert), norm3, gamma, dropout3, fc); the authors' package need not be
+    installed. Every parameter stays the same object under the same state-dict key; only the classes
+    of the model and of its head modules change (the model's becomes a subclass of its own, so
+    isinstance checks still hold), and the forward pass becomes FusedForward's: the same outputs, to
+    float rounding, and the same gradients. impl: as LifeIQA's ("reference" computes the authors' way
+    again). On an optimised model it only sets impl.
+    """
+    _check_impl(impl)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lifeiqa_fast.optimize: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(model, FusedForward):
+        missing = _missing(model, _LAYOUT)
+        layers = getattr(getattr(model, "bunch_decoder", None), "layers", None) or []
+        missing += [f"bunch_decoder.layers.{i}.{p}" for i, layer in enumerate(layers) for p in _missing(layer, _LAYER_LAYOUT)]
+        moe = getattr(model, "MOE", None)
+        if moe is not None and not hasattr(moe, "net"):
+            missing += [f"MOE.{p}" for p in _missing(moe, _MOE_LAYOUT)]
+        if missing:
+            raise ValueError(f"lifeiqa_fast.optimize: {type(model).__name__} does not have the authors' Life-IQA "
+                             f"layout; missing: {', '.join(missing)}")
+        cls = type(model)
+        if cls not in _FAST_CLASSES:
+            _FAST_CLASSES[cls] = type(f"Fast{cls.__name__}", (FusedForward, cls), {"__module__": cls.__module__})
+        _retype(model.UPP_layer3, GridPool, grid=getattr(model.UPP_layer3, "pool_size", 7))
+        for layer in model.bunch_decoder.layers:
+            _retype(layer, DecoderLayer, adj=getattr(layer, "adj", None))
+        _retype(model.bunch_decoder, Decoder, _cache=None, strategy=None)
+        if hasattr(moe, "net"):
+            _retype(moe, MLP)
+        else:
+            _retype(moe, SparseMoE, _cache=None)
+        model.__class__ = _FAST_CLASSES[cls]
+    model.impl = impl
+    return model

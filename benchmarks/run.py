@@ -98,6 +98,9 @@ class Case:
     grad_outputs: Callable[[tuple], tuple] = lambda outs: tuple(torch.randn_like(o) for o in outs)
     # (args, outputs, params, backward, FlopCount of the eager call) -> (FLOP, bytes)
     cost: Callable[..., tuple[float, float]] = _counted_cost
+    dtypes: tuple[str, ...] | None = None  # the row dtypes, if not DEFAULT_DTYPES
+    backward: bool = True  # whether --backward adds forward+backward rows
+    per_item: str | None = None  # the unit of the batch, for a throughput column ("img")
 
 
 def _check_timeable(op: str, impl: str, device: torch.device) -> None:
@@ -234,9 +237,10 @@ def _moe_build(impl: str, device: torch.device, dtype: torch.dtype):
 
 
 # The model of the head and model rows: the default Swin-B backbone (random weights) and head.
-# MODEL_IMPLS: our implementations of it by label, as LifeIQA arguments; eager is impl="reference".
+# MODEL_IMPLS: our implementations of it by label, as LifeIQA arguments (an impl="auto" LifeIQA is
+# what lifeiqa_fast.optimize makes of the authors' model); eager is impl="reference".
 MODEL_CONFIG = dict(num_experts=8, top_k=2, depth=4)
-MODEL_IMPLS = {"fused": dict(impl="auto")}
+MODEL_IMPLS = {"optimized": dict(impl="auto")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -257,6 +261,47 @@ def _lifeiqa_build(impl, device, dtype, head: bool):
     model = _lifeiqa(impl, device, dtype)
     backbone = {id(p) for p in model.pretrain_model.parameters()} if head else set()
     return model.forward_head if head else model, tuple(p for p in model.parameters() if id(p) not in backbone)
+
+
+# The scorer rows: images in [0, 1] to one score each, by the authors' model in fp32 (eager, and
+# torch.compile of it) and by lifeiqa_fast.Scorer in each precision, whatever the row's dtype (the
+# dtype of the images): the question they answer is how much faster than the official fp32 model a
+# Scorer is, and how far its scores are from it (max err). On CUDA the official model under fp16
+# autocast is a baseline too (the usual way to run it fast there).
+SCORER_IMPLS = {"scorer-fp32": dict(dtype="fp32"), "scorer-bf16": dict(dtype="bf16"),
+                "scorer-bf16-compiled": dict(dtype="bf16", compile=True), "scorer-fp16": dict(dtype="fp16"),
+                "autocast-fp16": None}
+
+
+def _scorer_inputs(batch: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    return (torch.rand(batch, 3, 224, 224, device=device, dtype=dtype),)
+
+
+def _scorer_build(impl: str, device: torch.device, dtype: torch.dtype):
+    """(images in [0, 1] (B, 3, 224, 224) -> scores (B, 1)), no parameters (forward rows only)."""
+    official = _lifeiqa("eager", device, torch.float32)
+    mean = torch.tensor(lifeiqa_fast.scorer.MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(lifeiqa_fast.scorer.STD, device=device).view(1, 3, 1, 1)
+    if impl == "eager" or impl == "autocast-fp16":
+        if impl == "autocast-fp16" and device.type != "cuda":
+            raise Unavailable("n/a (CUDA only)")
+
+        def run(x):
+            with torch.autocast(device.type, torch.float16, enabled=impl == "autocast-fp16"):
+                return official((x.float() - mean) / std)[0].float()
+
+        return run, ()
+    kwargs = SCORER_IMPLS[impl]
+    if kwargs["dtype"] == "fp16" and device.type != "cuda" or kwargs.get("compile") and device.type == "cuda":
+        raise Unavailable("n/a (fp16 is for CUDA; on CUDA the Scorer replays CUDA graphs instead)")
+    scorers = {}  # per batch size, made on the first (untimed, checked) call: batch_size = the row's batch
+
+    def run(x):
+        if x.shape[0] not in scorers:
+            scorers[x.shape[0]] = lifeiqa_fast.Scorer(official, device=device, batch_size=x.shape[0], **kwargs)
+        return scorers[x.shape[0]](x).view(-1, 1).to(device)
+
+    return run, ()
 
 
 def _loss_gradients(outs):
@@ -293,7 +338,11 @@ CASES = {case.op: case for case in (
     # Swin-B costs ~0.2 s per image on a 2-core CPU and torch.compile of it ~1 min per shape there.
     Case("model", lambda b, dt, dev: (torch.randn(b, 3, 224, 224, dtype=dt, device=dev),),
          functools.partial(_lifeiqa_build, head=False), tuple(MODEL_IMPLS), MODEL_TOLERANCE,
-         {"cpu": (1, 8), "cuda": (1, 8, 64, 256)}, quick=(), grad_outputs=_loss_gradients),
+         {"cpu": (1, 8), "cuda": (1, 8, 64, 256)}, quick=(), grad_outputs=_loss_gradients, per_item="img"),
+    # max err here is the Scorer's score deviation from the official fp32 model (5e-2 lets bf16 pass;
+    # tests/test_scorer.py holds the fp32 Scorer to the model's output within 1e-5).
+    Case("scorer", _scorer_inputs, _scorer_build, tuple(SCORER_IMPLS), {dt: 5e-2 for dt in DTYPES.values()},
+         {"cpu": (1, 8), "cuda": (1, 8, 64)}, quick=(), dtypes=("fp32",), backward=False, per_item="img"),
 )}
 
 
@@ -551,14 +600,16 @@ def tables(results: list[dict]) -> list[tuple[str, list[list[str]]]]:
         groups.setdefault((r["op"], r["device"], r["dtype"], r["direction"]), []).append(r)
     out = []
     for (op, device, dtype, direction), rows in groups.items():
-        cells = [["batch", "impl", "ms median [p20-p80]", "vs eager", "vs compile", "GB/s", "GFLOP/s", "of limit",
-                  "max err", "status"]]
+        unit = CASES[op].per_item if op in CASES else None
+        cells = [["batch", "impl", "ms median [p20-p80]", *([f"{unit}/s"] if unit else []), "vs eager", "vs compile",
+                  "GB/s", "GFLOP/s", "of limit", "max err", "status"]]
         for r in rows:
             ms = f"{r['median_ms']:.4g} [{r['p20_ms']:.4g}-{r['p80_ms']:.4g}]" if "median_ms" in r else ""
+            rate = [_fmt(r["batch"] / r["median_ms"] * 1e3 if "median_ms" in r else None, ".3g")] if unit else []
             status = r["status"]
             if "compile_s" in r:
                 status += f" (compile {r['compile_s']:.1f} s, {r['graphs']} graphs)"
-            cells.append([str(r["batch"]), r["impl"], ms, _fmt(r.get("speedup_vs_eager"), ".1f"),
+            cells.append([str(r["batch"]), r["impl"], ms, *rate, _fmt(r.get("speedup_vs_eager"), ".1f"),
                           _fmt(r.get("speedup_vs_compile"), ".1f"), _fmt(r.get("gbps"), ".2f"),
                           _fmt(r.get("gflops"), ".2f"), _fmt(r.get("limit_fraction"), ".1%"),
                           _fmt(r["max_err"], ".1e"), status])
@@ -657,9 +708,9 @@ def main(argv: list[str] | None = None) -> None:
         for op in args.ops:
             case = CASES[op]
             impls = [i for i in (*BASELINES, *case.impls) if args.impl is None or i in args.impl]
-            for dtype in args.dtype or (["fp32"] if args.quick else DEFAULT_DTYPES[device]):
+            for dtype in args.dtype or (["fp32"] if args.quick else case.dtypes or DEFAULT_DTYPES[device]):
                 for batch in args.batch or (case.quick if args.quick else case.batches[device]):
-                    for backward in (False, True) if args.backward else (False,):
+                    for backward in (False, True) if args.backward and case.backward else (False,):
                         plan.append((case, torch.device(device), DTYPES[dtype], batch, backward, impls))
     command = " ".join(["run.py", *(sys.argv[1:] if argv is None else argv)])
     torch._logging.set_logs(dynamo=logging.ERROR)  # graph-break warnings: the table reports graph counts

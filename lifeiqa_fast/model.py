@@ -442,7 +442,8 @@ def load_checkpoint(path_or_dict, map_location="cpu", **overrides) -> LifeIQA:
     path_or_dict: a file saved by the authors' code ({'model': state_dict, 'optimizer': ..., ...}), a
     bare state dict, or either already loaded. num_experts, depth, num_queries and embed_dim are read
     from the keys, top_k from the authors' config saved beside them (MODEL.SWIN.TOP_K; default 2);
-    any LifeIQA argument can be overridden. The saved config, as nested dicts ({} if none), is kept as
+    any LifeIQA argument can be overridden; a file written by save_checkpoint also carries the
+    LifeIQA arguments it was built with (backbone included). The saved config, as nested dicts ({} if none), is kept as
     model.checkpoint_config (the Scorer reads its DATA.DATASET). Files load with
     weights_only=True. A key mismatch raises an error listing the missing and unexpected keys.
     """
@@ -462,7 +463,8 @@ def load_checkpoint(path_or_dict, map_location="cpu", **overrides) -> LifeIQA:
     saved = checkpoint.get("config") if "model" in checkpoint else None
     saved = saved if isinstance(saved, Mapping) else {}
     top_k = config_value(saved, "MODEL.SWIN.TOP_K")
-    config = {**_infer_config(state_dict), **({"top_k": int(top_k)} if top_k else {}), **overrides}
+    ours = config_value(saved, "LIFEIQA_FAST") or {}  # save_checkpoint's: the backbone and the rest
+    config = {**_infer_config(state_dict), **({"top_k": int(top_k)} if top_k else {}), **ours, **overrides}
     model = LifeIQA(**config)
     model.checkpoint_config = saved
     result = model.load_state_dict(state_dict, strict=False)
@@ -543,3 +545,23 @@ def optimize(model: nn.Module, impl: str = "auto") -> nn.Module:
         model.__class__ = _FAST_CLASSES[cls]
     model.impl = impl
     return model
+
+
+def save_checkpoint(model: LifeIQA, path, **extra) -> None:
+    """Write model in the authors' checkpoint format, atomically (a temporary file, then a rename):
+    {'model': state dict, 'config': {'MODEL': {'SWIN': {'NUM_EXPERTS', 'TOP_K', 'DEPTH', 'EMBED_DIM',
+    'JUERY_NUMS'}}, 'LIFEIQA_FAST': model.config}, **extra} (extra: 'optimizer', 'lr_scheduler',
+    'epoch', 'max_plcc', ...; a 'config' mapping there is merged). load_checkpoint rebuilds the
+    model from it, backbone included; the authors' code reads its 'model'."""
+    c = model.config
+    swin = dict(NUM_EXPERTS=c["num_experts"], TOP_K=c["top_k"], DEPTH=c["depth"], EMBED_DIM=c["embed_dim"],
+                JUERY_NUMS=c["num_queries"])
+    config = {**dict(extra.pop("config", None) or {}), "MODEL": {"SWIN": swin}, "LIFEIQA_FAST": dict(c)}
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save({"model": model.state_dict(), "config": config, **extra}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

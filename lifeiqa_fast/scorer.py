@@ -261,7 +261,7 @@ class Scorer:
         if self.resize is not None:
             pil, chw = _resized(pil, chw, self.resize)
         if chw is None:
-            chw = torch.from_numpy(np.asarray(pil)).permute(2, 0, 1)
+            chw = torch.from_numpy(np.array(pil)).permute(2, 0, 1)  # a copy: PIL's buffer is read-only
         h, w = chw.shape[1:]
         if min(h, w) < CROP:  # too small to crop: enlarge, short side to 224
             scale = CROP / min(h, w)

@@ -1,0 +1,103 @@
+"""The lifeiqa-fast command end to end, on photographs that ship with scikit-image."""
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+import lifeiqa_fast
+
+from test_model import tiny
+
+
+def _cli(*args, cwd=None):
+    exe = shutil.which("lifeiqa-fast")
+    assert exe is not None, "pip install installs the lifeiqa-fast script (pyproject [project.scripts])"
+    return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A folder of photographs (one in a subfolder, one grayscale), one corrupt JPEG and one text file;
+    and a checkpoint of a tiny model written by save_checkpoint."""
+    root = tmp_path_factory.mktemp("cli")
+    folder = root / "photos"
+    (folder / "more").mkdir(parents=True)
+    Image.fromarray(data.astronaut()).save(folder / "astronaut.png")
+    Image.fromarray(data.coffee()).save(folder / "coffee.jpg", quality=90)
+    Image.fromarray(data.camera()).save(folder / "more" / "camera.bmp")
+    (folder / "broken.jpg").write_bytes(np.random.default_rng(0).bytes(2000))
+    (folder / "notes.txt").write_text("not an image")
+    model = tiny(num_experts=4, depth=2)
+    lifeiqa_fast.save_checkpoint(model, root / "ckpt.pth")
+    return root, folder, model
+
+
+def test_score_folder_reports_and_skips_the_corrupt_file(photos):
+    root, folder, model = photos
+    out = root / "scores.json"
+    result = _cli("score", folder, "--checkpoint", root / "ckpt.pth", "--dtype", "fp32", "--device", "cpu",
+                  "--batch-size", "4", "--json", out)
+    assert result.returncode == 1, result.stderr  # a file was skipped
+    assert "broken.jpg" in result.stderr and "1 of 4 files skipped" in result.stderr
+    rows = json.loads(out.read_text())
+    names = [r["path"].split("/")[-1] for r in rows]
+    assert names == ["astronaut.png", "broken.jpg", "coffee.jpg", "camera.bmp"]  # sorted, recursive, no .txt
+    good = [r for r in rows if r["error"] is None]
+    assert len(good) == 3 and rows[1]["score"] is None and "cannot read" in rows[1]["error"]
+    for r in good:  # the table on the terminal shows each score
+        assert f"{r['score']:8.4f}" in result.stdout
+    scorer = lifeiqa_fast.Scorer(model, device="cpu", dtype="fp32", batch_size=4)  # the same numbers in-process
+    expected = scorer([r["path"] for r in good])
+    torch.testing.assert_close(torch.tensor([r["score"] for r in good]), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_score_files_and_glob_to_csv(photos):
+    root, folder, _ = photos
+    out = root / "scores.csv"
+    result = _cli("score", folder / "astronaut.png", str(folder / "**" / "*.bmp"), "--checkpoint",
+                  root / "ckpt.pth", "--crops", "3", "--csv", out, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert [r["path"].split("/")[-1] for r in rows] == ["astronaut.png", "camera.bmp"]
+    assert all(np.isfinite(float(r["score"])) and r["error"] == "" for r in rows)
+
+
+def test_score_without_checkpoint_explains(photos):
+    _, folder, _ = photos
+    result = _cli("score", folder)
+    assert result.returncode == 2
+    assert "trained weights" in result.stderr and "save_checkpoint" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing_dir/*.png"], "no such file, folder or glob match: missing_dir/*.png"),
+    (["{folder}", "--crops", "0"], "--crops"),
+    (["{folder}", "--resize", "512by384"], "--resize"),
+    (["{folder}", "--batch-size", "0"], "--batch-size must be positive"),
+], ids=["missing-path", "bad-crops", "bad-resize", "bad-batch-size"])
+def test_score_bad_arguments(photos, args, message):
+    root, folder, _ = photos
+    args = [a.format(folder=folder) for a in args]
+    result = _cli("score", *args, "--checkpoint", root / "ckpt.pth", cwd=root)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_bad_checkpoint(photos):
+    root, folder, _ = photos
+    bad = root / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    result = _cli("score", folder, "--checkpoint", bad)
+    assert result.returncode == 2 and "cannot read" in result.stderr and "bad.pth" in result.stderr
+
+
+def test_info_prints_what_the_module_prints():
+    result = _cli("info")
+    module = subprocess.run([sys.executable, "-m", "lifeiqa_fast.info"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout == module.stdout and "grid_pool" in result.stdout

@@ -34,7 +34,8 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 
 class ImageError(ValueError):
-    """An input that cannot be read as an image; the message names it and says why."""
+    """A file that cannot be read as an image; the message names it and says why. (An in-memory
+    input of the wrong kind raises TypeError or ValueError instead: that is a bug in the caller.)"""
 
 
 @dataclass
@@ -74,6 +75,10 @@ def load_image(path: str | os.PathLike):
 
     try:
         with Image.open(path) as image:
+            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: scaled, not clipped
+                grey = np.asarray(image, dtype=np.float32)
+                top = 65535.0 if image.mode != "F" else max(1.0, float(grey.max()))
+                return Image.fromarray(np.clip(grey / top * 255 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"lifeiqa_fast: cannot read {path} as an image: {exc}") from exc
@@ -92,15 +97,16 @@ def _as_chw(image) -> tuple[object, Tensor | None]:
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
         if image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise ImageError(f"lifeiqa_fast: a numpy image must be (H, W) or (H, W, 3 or 4), got {image.shape}")
+            raise ValueError(f"lifeiqa_fast: a numpy image must be (H, W) or (H, W, 3 or 4), got {image.shape}")
         image = torch.from_numpy(np.ascontiguousarray(image[:, :, :3])).permute(2, 0, 1)
     if not isinstance(image, Tensor):
-        raise ImageError(f"lifeiqa_fast: an image must be a path, PIL image, numpy array or tensor, "
+        raise TypeError(f"lifeiqa_fast: an image must be a path, PIL image, numpy array or tensor, "
                          f"got {type(image).__name__}")
     if image.dim() != 3 or image.shape[0] != 3:
-        raise ImageError(f"lifeiqa_fast: an image tensor must be (3, H, W), got {tuple(image.shape)}")
+        raise ValueError(f"lifeiqa_fast: an image tensor must be (3, H, W), got {tuple(image.shape)}")
     if image.dtype != torch.uint8 and not image.is_floating_point():
-        raise ImageError(f"lifeiqa_fast: an image tensor must be uint8 or floating point, got {image.dtype}")
+        raise ValueError(f"lifeiqa_fast: an image (tensor or array) must be uint8 or floating point, got "
+                         f"{image.dtype}")
     return None, image.detach().cpu()
 
 
@@ -200,7 +206,7 @@ class Scorer:
                  compile: bool = False, impl: str = "auto", progress: bool = False, model_kwargs: dict | None = None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"lifeiqa_fast.Scorer: batch_size must be a positive int, got {batch_size!r}")
-        if crops != "grid" and not (isinstance(crops, int) and crops >= 1):
+        if crops != "grid" and not (isinstance(crops, int) and not isinstance(crops, bool) and crops >= 1):
             raise ValueError(f"lifeiqa_fast.Scorer: crops must be 'grid' or a positive int, got {crops!r}")
         self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(dtype, str) and dtype != "auto" and dtype not in DTYPES:
@@ -344,10 +350,11 @@ class Scorer:
             if images.shape[0] == 0:
                 raise ValueError("lifeiqa_fast.Scorer: the image batch is empty")
             images = list(images)
-        elif isinstance(images, (str, os.PathLike)):
-            images = find_images(images)
         elif isinstance(images, Tensor) or not isinstance(images, (list, tuple)):
             images = [images]
+        # paths, folders and globs expand to their files (a missing one raises FileNotFoundError)
+        images = [f for image in images for f in (find_images(image) if isinstance(image, (str, os.PathLike))
+                                                  else [image])]
         if not images:
             raise ValueError("lifeiqa_fast.Scorer: no images given")
         scores, errors = self._score_list(list(images))

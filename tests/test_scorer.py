@@ -1,0 +1,231 @@
+"""lifeiqa_fast.Scorer: scores are the model's own (mean over 224 crops), whatever the input type,
+batching or crop protocol; bad input fails loudly. Tiny Swin, real photographs (skimage.data).
+dtype="fp32" is explicit wherever numbers are compared: "auto" picks bf16 on CPUs with AVX512-BF16."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from skimage import data
+
+import lifeiqa_fast
+from lifeiqa_fast import Scorer
+from lifeiqa_fast.scorer import crop_corners
+
+from test_model import tiny
+
+# Spelled out here (not imported from the scorer) so that a wrong constant there fails the tests.
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny(num_experts=4, depth=2).eval()
+
+
+def photo(name: str, h: int | None = None, w: int | None = None) -> torch.Tensor:
+    """An skimage.data RGB photograph as a (3, H, W) uint8 tensor, its top-left h x w."""
+    return torch.from_numpy(getattr(data, name)()).permute(2, 0, 1)[:, :h, :w].contiguous()
+
+
+def hwc(x: torch.Tensor) -> np.ndarray:
+    return x.permute(1, 2, 0).numpy()
+
+
+@torch.no_grad()
+def model_mean(model, crops: list[torch.Tensor]) -> torch.Tensor:
+    """What the Scorer must return for an image with these uint8 224 crops: the model's mean score."""
+    x = (torch.stack(crops).float() / 255 - MEAN) / STD
+    return model(x)[0].mean().view(1)
+
+
+def grid_crops(x: torch.Tensor) -> list[torch.Tensor]:
+    return [x[:, t:t + 224, l:l + 224] for t, l in crop_corners(x.shape[1], x.shape[2], "grid", 0)]
+
+
+def assert_same(actual, expected, atol, msg=None):
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0, msg=msg)
+
+
+def test_score_is_the_models_output(model):
+    face = photo("astronaut")[:, 20:244, 150:374]  # exactly 224 x 224: one crop, the model's score itself
+    assert_same(Scorer(model, dtype="fp32")(face), model_mean(model, [face]), 1e-5)
+    cat = photo("chelsea")  # 300 x 451: a 2 x 3 grid, the mean of the model's 6 scores
+    assert len(grid_crops(cat)) == 6
+    assert_same(Scorer(model, dtype="fp32")(cat), model_mean(model, grid_crops(cat)), 1e-5)
+
+
+def test_grid_covers_the_image():
+    assert crop_corners(224, 224, "grid", 0) == [(0, 0)]
+    assert crop_corners(512, 384, "grid", 0) == [(t, l) for t in (0, 144, 288) for l in (0, 160)]
+    for h, w in [(225, 224), (300, 451), (448, 449), (1000, 667)]:
+        corners = crop_corners(h, w, "grid", 0)
+        for axis, side in ((0, h), (1, w)):
+            starts = sorted({c[axis] for c in corners})
+            assert len(starts) == math.ceil(side / 224) and starts[0] == 0 and starts[-1] == side - 224
+            assert all(b - a <= 224 for a, b in zip(starts, starts[1:]))  # no gap between crops
+        assert len(corners) == math.ceil(h / 224) * math.ceil(w / 224)
+
+
+def test_random_crops_are_in_range_and_seeded():
+    corners = crop_corners(512, 384, 25, seed=3)
+    assert len(corners) == 25 and all(0 <= t <= 288 and 0 <= l <= 160 for t, l in corners)
+    assert len(set(corners)) > 1  # really random
+    assert corners == crop_corners(512, 384, 25, seed=3)
+    assert corners != crop_corners(512, 384, 25, seed=4)
+
+
+def test_deterministic_and_independent_of_batching(model):
+    # 1 + 6 + 4 crops: with batch_size 3 the batches straddle images, with 32 all share one batch.
+    images = [photo("astronaut", 224, 224), photo("chelsea"), photo("coffee", 260, 300)]
+    scorer = Scorer(model, dtype="fp32", batch_size=3)
+    together = scorer(images)
+    assert torch.equal(scorer(images), together)  # bitwise, call after call
+    alone = torch.cat([scorer(x) for x in images])
+    assert_same(together, alone, 1e-5)
+    assert_same(Scorer(model, dtype="fp32", batch_size=32)(images), alone, 1e-5)
+    # The official protocol (N random crops, seeded): the same crops in every call and every instance.
+    protocol = Scorer(model, dtype="fp32", crops=5, seed=1)
+    random_scores = protocol(images)
+    assert torch.equal(protocol(images), random_scores)
+    assert torch.equal(Scorer(model, dtype="fp32", crops=5, seed=1)(images), random_scores)
+    assert not torch.equal(Scorer(model, dtype="fp32", crops=5, seed=2)(images), random_scores)
+
+
+def test_input_types_agree(model, tmp_path):
+    scorer = Scorer(model, dtype="fp32")
+    x, other = photo("coffee", 260, 300), photo("chelsea", 230, 240)
+    Image.fromarray(hwc(x)).save(tmp_path / "coffee.png")
+    expected = scorer(x)
+    inputs = {"float": x.float() / 255, "pil": Image.fromarray(hwc(x)), "numpy": hwc(x),
+              "path": tmp_path / "coffee.png", "str": str(tmp_path / "coffee.png"), "list": [x]}
+    for name, image in inputs.items():
+        assert_same(scorer(image), expected, 1e-6, msg=name)
+    assert_same(scorer(torch.stack([x, x])), expected.repeat(2), 1e-6)  # a (B, 3, H, W) batch
+    mixed = scorer([x.float() / 255, other])  # float and uint8 crops sharing one batch
+    assert_same(mixed, torch.cat([expected, scorer(other)]), 1e-6)
+    gray = data.camera()[:230, :240]  # (H, W): the same as its three-channel copy
+    assert_same(scorer(gray), scorer(torch.from_numpy(gray).expand(3, -1, -1)), 1e-6)
+    # A folder: recursive, sorted by path (not by creation), other suffixes skipped; a glob.
+    (tmp_path / "dir" / "sub").mkdir(parents=True)
+    for name, image in (("b.png", other), ("sub/c.png", x), ("a.png", x[:, :, :224])):
+        Image.fromarray(hwc(image)).save(tmp_path / "dir" / name)
+    (tmp_path / "dir" / "readme.txt").write_text("not an image")
+    parts = [scorer(x[:, :, :224]), scorer(other), expected]
+    assert_same(scorer(tmp_path / "dir"), torch.cat(parts), 1e-6)
+    assert_same(scorer(str(tmp_path / "dir" / "*.png")), torch.cat(parts[:2]), 1e-6)
+    # in a list too: paths, folders and globs expand in place, beside in-memory images
+    assert_same(scorer([x, tmp_path / "dir", str(tmp_path / "dir" / "*.png")]),
+                torch.cat([expected, *parts, *parts[:2]]), 1e-6)
+    # a 16-bit grey PNG is scaled to 8 bits, not clipped to white
+    gray16 = gray.astype(np.uint16) * 257
+    Image.fromarray(gray16).save(tmp_path / "gray16.png")
+    assert_same(scorer(tmp_path / "gray16.png"), scorer(gray), 1e-6)
+
+
+def test_unreadable_files_get_nan_and_a_reason(model, tmp_path):
+    scorer = Scorer(model, dtype="fp32")
+    good = photo("chelsea", 224, 224)
+    Image.fromarray(hwc(good)).save(tmp_path / "good.png")
+    (tmp_path / "bad.jpg").write_bytes(np.random.default_rng(0).bytes(2000))
+    (tmp_path / "notes.jpg").write_text("meeting notes, not a photograph")
+    with pytest.warns(UserWarning) as record:
+        scores = scorer(tmp_path)  # sorted: bad.jpg, good.png, notes.jpg
+    assert math.isnan(scores[0]) and math.isnan(scores[2])
+    assert_same(scores[1:2], scorer(good), 1e-6)
+    messages = " | ".join(str(w.message) for w in record)
+    assert "bad.jpg" in messages and "notes.jpg" in messages, messages
+    results = scorer.score_files(tmp_path)
+    assert [(r.path.name, r.score is None) for r in results] == [("bad.jpg", True), ("good.png", False),
+                                                                  ("notes.jpg", True)]
+    assert results[1].error is None and results[1].score == pytest.approx(scores[1].item())
+    for r in (results[0], results[2]):
+        assert r.path.name in r.error and "cannot read" in r.error, r.error
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(batch_size=0), "batch_size must be a positive int, got 0"),
+    (dict(crops="random"), "crops must be 'grid' or a positive int, got 'random'"),
+    (dict(crops=0), "crops must be 'grid' or a positive int, got 0"),
+    (dict(crops=True), "crops must be 'grid' or a positive int, got True"),
+    (dict(dtype="int8"), "dtype must be .* got 'int8'"),
+    (dict(dtype="fp16"), "fp16 is for CUDA"),
+])
+def test_bad_arguments(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Scorer(model, device="cpu", **kwargs)
+
+
+def test_bad_model(tmp_path):
+    with pytest.raises(TypeError, match="model must be a module or a checkpoint path, got int"):
+        Scorer(42)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        Scorer(tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize("images, error, match", [
+    (torch.zeros(0, 3, 224, 224, dtype=torch.uint8), ValueError, "batch is empty"),
+    ([], ValueError, "no images given"),
+    (torch.zeros(4, 224, 224), ValueError, r"\(3, H, W\), got \(4, 224, 224\)"),  # a caller's bug: raised, not NaN
+    (torch.zeros(3, 224, 224, dtype=torch.int64), ValueError, "uint8 or floating point, got torch.int64"),
+    (np.zeros((2, 224, 224, 3), np.uint8), ValueError, r"\(H, W\) or \(H, W, 3 or 4\)"),  # a batch as an array
+    ([object()], TypeError, "path, PIL image, numpy array or tensor, got object"),
+    ("no/such/photo.png", FileNotFoundError, "no/such/photo.png"),
+    (["no/such/photo.png"], FileNotFoundError, "no/such/photo.png"),
+], ids=["empty-batch", "empty-list", "4-channels", "int64", "array-batch", "object", "missing-path",
+        "missing-path-in-list"])
+def test_bad_images(model, images, error, match):
+    with pytest.raises(error, match=match):
+        Scorer(model, dtype="fp32")(images)
+
+
+def test_small_images_are_enlarged(model):
+    small = photo("chelsea", 100, 150)  # short side to 224, aspect kept: 224 x 336, a 1 x 2 grid
+    score = Scorer(model, dtype="fp32")(small)
+    assert torch.isfinite(score).all()
+    enlarged = F.interpolate(small[None].float(), size=(224, 336), mode="bilinear", antialias=True)
+    enlarged = enlarged[0].round().clamp(0, 255).to(torch.uint8)
+    assert_same(score, model_mean(model, grid_crops(enlarged)), 1e-5)
+
+
+def test_resize_before_cropping(model):
+    image = Image.fromarray(data.coffee())  # 400 x 600 -> 512 x 384: rows 0 144 288, columns 0 160
+    resized = torch.from_numpy(np.array(image.resize((384, 512), Image.BILINEAR))).permute(2, 0, 1)
+    crops = [resized[:, t:t + 224, l:l + 224] for t in (0, 144, 288) for l in (0, 160)]
+    assert_same(Scorer(model, dtype="fp32", resize=(512, 384))(image), model_mean(model, crops), 1e-5)
+
+
+def test_resize_auto_follows_the_checkpoint_dataset(model, tmp_path):
+    for dataset, size in (("koniq", (512, 384)), ("livec", None)):
+        path = tmp_path / f"{dataset}.pth"
+        lifeiqa_fast.save_checkpoint(model, path, config={"DATA": {"DATASET": dataset}})
+        assert Scorer(path, dtype="fp32").resize == size
+    assert Scorer(model, dtype="fp32").resize is None  # no saved config
+    assert Scorer(tmp_path / "koniq.pth", resize=None).resize is None  # the caller's choice wins
+    face = photo("astronaut", 224, 224)  # the loaded model is the saved one
+    assert_same(Scorer(tmp_path / "livec.pth", dtype="fp32")(face), model_mean(model, [face]), 1e-5)
+
+
+def test_bf16_is_close_and_the_callers_model_untouched():
+    caller = tiny(num_experts=4, depth=2, impl="reference")  # training mode, reference ops
+    cls, state = type(caller), {k: v.clone() for k, v in caller.state_dict().items()}
+    images = [photo("astronaut", 300, 300), photo("coffee", 300, 300), photo("chelsea"), data.camera()[:300, :300]]
+    fp32 = Scorer(caller, dtype="fp32")(images)
+    bf16_scorer = Scorer(caller, dtype="bf16")
+    bf16 = bf16_scorer(images)
+    assert next(bf16_scorer.model.parameters()).dtype == torch.bfloat16
+    assert torch.isfinite(bf16).all() and not torch.equal(bf16, fp32)  # it really ran in bf16
+    assert_same(bf16, fp32, 0.05)
+    assert type(caller) is cls and caller.impl == "reference" and caller.training
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in caller.parameters())
+    torch.testing.assert_close(caller.state_dict(), state, rtol=0, atol=0)
+
+
+def test_compiled_matches_eager(model):
+    # 1 + 4 crops with batch_size 4: a full batch, then one crop padded to the compiled shape.
+    images = [photo("astronaut", 224, 224), photo("coffee", 260, 300)]
+    eager = Scorer(model, dtype="fp32", batch_size=4)(images)
+    assert_same(Scorer(model, dtype="fp32", batch_size=4, compile=True)(images), eager, 1e-4)

@@ -5,7 +5,8 @@
 #
 # For a lent GPU machine (16 cores, torch, CUDA, Triton, timm and pytest preinstalled, no network).
 # OUTDIR receives gpu_check.md and gpu_check.json (the summary and the GPU validation records of every
-# CUDA/Triton kernel whose tests passed), build.log, pytest.log, junit.xml, bench.md, bench.json.
+# CUDA/Triton kernel whose tests passed), build.log, pytest.log, junit.xml, bench.md, bench.json,
+# bench_scorer.md, bench_scorer.json.
 # Commit the report under benchmarks/results/ and accept its validation records with
 #   python benchmarks/gpu_report.py --accept benchmarks/results/<report>.json
 set -uo pipefail
@@ -35,6 +36,16 @@ log "benchmarking"
 start=$SECONDS
 timeout 180 "$PY" benchmarks/run.py --device cuda,cpu --quick --json "$OUTDIR/bench.json" --markdown "$OUTDIR/bench.md" 2>&1 | tail -40
 log "benchmark took $((SECONDS - start)) s"
+
+# The whole model on the GPU: the official fp32 model (and under fp16 autocast) against the Scorer, at
+# batch 1 and 64. torch.compile rows are left out here (a Swin-B compile takes about a minute per batch);
+# run `benchmarks/run.py --device cuda --ops scorer` when there is time for them.
+log "benchmarking the Scorer"
+start=$SECONDS
+timeout 150 "$PY" benchmarks/run.py --device cuda --ops scorer --batch 1,64 \
+  --impl eager,autocast-fp16,scorer-fp32,scorer-bf16,scorer-fp16 \
+  --json "$OUTDIR/bench_scorer.json" --markdown "$OUTDIR/bench_scorer.md" 2>&1 | tail -20
+log "Scorer benchmark took $((SECONDS - start)) s"
 
 "$PY" benchmarks/gpu_report.py "$OUTDIR"
 rm -f "$OUTDIR/info.txt"  # folded into gpu_check.md

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from skimage import data
 
 import lifeiqa_fast
 
 from test_model import tiny
+
+data = pytest.importorskip("skimage.data")  # real photographs (pip install scikit-image)
 
 
 def _cli(*args, cwd=None):

@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from skimage import data
 
 import lifeiqa_fast
 from lifeiqa_fast import Scorer
 from lifeiqa_fast.scorer import crop_corners
 
 from test_model import tiny
+
+data = pytest.importorskip("skimage.data")  # real photographs (pip install scikit-image)
 
 # Spelled out here (not imported from the scorer) so that a wrong constant there fails the tests.
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import reference
 from .ops import attend_memory, cross_attention, gcn, grid_pool, moe
-from .ops._impl import _check_impl, get_default_impl
+from .ops._impl import _check_impl, get_default_impl, linear
 
 
 def _built_once(owner: nn.Module, params: list[Tensor], build):
@@ -289,7 +289,7 @@ class FusedForward:
             g = self.proj_layer4(f4.permute(0, 3, 1, 2)).flatten(2).mean(dim=2)  # (B, D)
         else:  # the same value: the mean commutes with the 1x1 conv, so pool first
             w = self.proj_layer4.weight
-            g = F.linear(f4.mean(dim=(1, 2)), w.view(w.shape[0], w.shape[1]), self.proj_layer4.bias)  # (B, D)
+            g = linear(f4.mean(dim=(1, 2)), w.view(w.shape[0], w.shape[1]), self.proj_layer4.bias)  # (B, D)
         x = self.bunch_embedding + g.unsqueeze(1)  # (B, N, D)
         memory = self.proj_layer3(self.UPP_layer3(f3))  # (B, 49, D)
         x = self.bunch_decoder(x, memory)

@@ -27,6 +27,8 @@ CASES = [
     pytest.param((6, 32, 64, 2, 2, "random"), id="k-equals-E"),
     pytest.param((6, 32, 64, 1, 1, "random"), id="E1"),
     pytest.param((12, 32, 64, 4, 1, "one-expert"), id="all-to-one-expert"),  # three experts get nothing
+    pytest.param((7, 36, 64, 3, 1, "one-expert"), id="seven-rows-odd-D"),  # CPU small_linear: 7 rows, a D tail
+    pytest.param((8, 32, 64, 3, 1, "one-expert"), id="eight-rows"),  # its largest row block
     pytest.param((6, 32, 64, 4, 2, "tied"), id="tied-logits"),  # every logit equal: torch.topk's ties
     pytest.param((0, 32, 64, 4, 2, "random"), id="no-tokens"),
 ]

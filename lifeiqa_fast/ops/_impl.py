@@ -162,3 +162,19 @@ def check_like_x(op: str, x: torch.Tensor, tensors: dict, shapes: dict) -> None:
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernels accumulate in, and return statistics in: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# F.linear on CPU with at most this many rows runs as W @ x^T: MKL packs the right-hand operand of a
+# GEMM per call, which for x @ W^T is the whole weight; measured on a 2-core x86 CPU, (6, 384) x
+# (384, 384) with a weight not in cache takes 47 us as F.linear and 31 us as W @ x^T (12 rows: no gain).
+FEW_ROWS = 8
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), the same value to float rounding, faster for a few rows on CPU."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.device.type != "cpu" or not 0 < rows <= FEW_ROWS:
+        return torch.nn.functional.linear(x, weight, bias)
+    xt = x.reshape(rows, x.shape[-1]).t()
+    yt = torch.mm(weight, xt) if bias is None else torch.addmm(bias.unsqueeze(1), weight, xt)  # (N, rows)
+    return yt.t().contiguous().view(*x.shape[:-1], weight.shape[0])

@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import _ext
 from ..reference import cross_attention_ref
 from ..triton import cross_attention as _triton
-from ._impl import acc_dtype, check_like_x, check_tensors, resolve
+from ._impl import acc_dtype, check_like_x, check_tensors, linear, resolve
 
 MAX_QUERIES = 64  # csrc/cross_attention.h, kAttnMaxQueries
 MAX_HEAD_DIM = 128  # csrc/cross_attention.h, kAttnMaxHeadDim
@@ -65,14 +65,14 @@ def attend_memory(x: Tensor, memory: Tensor, norm_weight: Tensor, norm_bias: Ten
     B, Nq, D = x.shape
     Nk, H = memory.shape[1], num_heads
     hd = D // H
-    q = F.linear(F.layer_norm(x, (D,), norm_weight, norm_bias, eps), in_proj_weight[:D], in_proj_bias[:D])
+    q = linear(F.layer_norm(x, (D,), norm_weight, norm_bias, eps), in_proj_weight[:D], in_proj_bias[:D])
     w_k, w_v = in_proj_weight[D : 2 * D].view(H, hd, D), in_proj_weight[2 * D :].view(H, hd, D)
     q_mem = torch.bmm((q * hd**-0.5).view(B * Nq, H, hd).transpose(0, 1), w_k)  # (H, B * Nq, D)
     q_mem = q_mem.view(H, B, Nq, D).transpose(0, 1).reshape(B, H * Nq, D)
     p = torch.softmax(torch.bmm(q_mem, memory.transpose(1, 2)), dim=-1, dtype=acc_dtype(x.dtype)).to(x.dtype)
     pm = torch.bmm(p, memory).view(B, H, Nq, D).transpose(0, 1).reshape(H, B * Nq, D)  # (H, B * Nq, D)
     o = torch.bmm(pm, w_v.transpose(1, 2)).view(H, B, Nq, hd).permute(1, 2, 0, 3).reshape(B, Nq, D)
-    return x + F.linear(o + in_proj_bias[2 * D :], out_weight, out_bias)
+    return x + linear(o + in_proj_bias[2 * D :], out_weight, out_bias)
 
 
 def _check_memory_args(x, memory, norm_weight, norm_bias, in_proj_weight, in_proj_bias, out_weight, out_bias,

@@ -524,7 +524,8 @@ def optimize(model: nn.Module, impl: str = "auto") -> nn.Module:
     if not isinstance(model, FusedForward):
         missing = _missing(model, _LAYOUT)
         layers = getattr(getattr(model, "bunch_decoder", None), "layers", None) or []
-        missing += [f"bunch_decoder.layers.{i}.{p}" for i, layer in enumerate(layers) for p in _missing(layer, _LAYER_LAYOUT)]
+        missing += [f"bunch_decoder.layers.{i}.{p}" for i, layer in enumerate(layers)
+                    for p in _missing(layer, _LAYER_LAYOUT)]
         moe = getattr(model, "MOE", None)
         if moe is not None and not hasattr(moe, "net"):
             missing += [f"MOE.{p}" for p in _missing(moe, _MOE_LAYOUT)]

@@ -36,7 +36,8 @@ class GraphConv(nn.Module):
 class GCN(nn.Module):
     def __init__(self, dim):
         super().__init__()
-        self.gcn1, self.gcn2, self.gcn3 = GraphConv(dim, dim // 2), GraphConv(dim // 2, dim // 4), GraphConv(dim // 4, dim)
+        self.gcn1, self.gcn2 = GraphConv(dim, dim // 2), GraphConv(dim // 2, dim // 4)
+        self.gcn3 = GraphConv(dim // 4, dim)
 
     def forward(self, x):
         adj = reference.fixed_adjacency(x.shape[1], x.dtype, x.device)
@@ -130,7 +131,8 @@ class AuthorsModel(nn.Module):
             x = stage(x)
             features.append(x.permute(0, 3, 1, 2).contiguous())
         g = self.proj_layer4(features[3]).flatten(2).permute(0, 2, 1).mean(dim=1, keepdim=True)
-        out = self.bunch_decoder(self.bunch_embedding.expand(B, -1, -1) + g, self.proj_layer3(self.UPP_layer3(features[2])))
+        memory = self.proj_layer3(self.UPP_layer3(features[2]))
+        out = self.bunch_decoder(self.bunch_embedding.expand(B, -1, -1) + g, memory)
         y = self.norm3(out)
         moe_out, aux, z = self.MOE(y)
         y = self.dropout3(y + self.gamma * moe_out)
@@ -145,7 +147,8 @@ def _loss_and_grads(model, x, target):
     loss = F.smooth_l1_loss(score, target) + 0.01 * aux + 0.001 * z
     loss.backward()
     grads = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in model.named_parameters()}
-    return score.detach(), float(torch.as_tensor(aux).detach()), float(torch.as_tensor(z).detach()), loss.detach(), grads
+    aux, z = (float(torch.as_tensor(v).detach()) for v in (aux, z))  # the authors' E == 1 MLP returns ints
+    return score.detach(), aux, z, loss.detach(), grads
 
 
 @pytest.mark.parametrize("experts,depth", [(1, 4), (2, 2), (4, 4), (8, 2)], ids=lambda v: str(v))

@@ -334,7 +334,7 @@ CASES = {case.op: case for case in (
          quick=(1, 32)),
     Case("moe", _moe_inputs, _moe_build, tuple(MOE_IMPLS), MODEL_TOLERANCE, OP_BATCHES, quick=(1, 32)),
     Case("head", _stage_maps, functools.partial(_lifeiqa_build, head=True), tuple(MODEL_IMPLS), MODEL_TOLERANCE,
-         {"cpu": (1, 8, 64), "cuda": (1, 8, 64, 256)}, quick=(1,), grad_outputs=_loss_gradients),
+         {"cpu": (1, 8, 32, 64), "cuda": (1, 8, 32, 64, 256)}, quick=(1,), grad_outputs=_loss_gradients),
     # Swin-B costs ~0.2 s per image on a 2-core CPU and torch.compile of it ~1 min per shape there.
     Case("model", lambda b, dt, dev: (torch.randn(b, 3, 224, 224, dtype=dt, device=dev),),
          functools.partial(_lifeiqa_build, head=False), tuple(MODEL_IMPLS), MODEL_TOLERANCE,

@@ -443,8 +443,8 @@ def load_checkpoint(path_or_dict, map_location="cpu", **overrides) -> LifeIQA:
     bare state dict, or either already loaded. num_experts, depth, num_queries and embed_dim are read
     from the keys, top_k from the authors' config saved beside them (MODEL.SWIN.TOP_K; default 2);
     any LifeIQA argument can be overridden; a file written by save_checkpoint also carries the
-    LifeIQA arguments it was built with (backbone included). The saved config, as nested dicts ({} if none), is kept as
-    model.checkpoint_config (the Scorer reads its DATA.DATASET). Files load with
+    LifeIQA arguments it was built with (backbone included). The saved config, as nested dicts ({}
+    if none), is kept as model.checkpoint_config (the Scorer reads its DATA.DATASET). Files load with
     weights_only=True. A key mismatch raises an error listing the missing and unexpected keys.
     """
     if isinstance(path_or_dict, Mapping):

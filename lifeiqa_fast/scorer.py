@@ -12,13 +12,14 @@ import os
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 from .model import config_value, load_checkpoint, optimize
@@ -71,8 +72,6 @@ def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
 
 def load_image(path: str | os.PathLike):
     """The file as an RGB PIL image, fully decoded; ImageError naming the file if it cannot be."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: scaled, not clipped
@@ -87,8 +86,6 @@ def load_image(path: str | os.PathLike):
 def _as_chw(image) -> tuple[object, Tensor | None]:
     """(PIL image or None, (3, H, W) tensor or None): exactly one is set. Tensors and arrays: RGB,
     float in [0, 1] or uint8 in [0, 255]; arrays (H, W) or (H, W, 3 or 4), tensors (3, H, W)."""
-    from PIL import Image
-
     if isinstance(image, (str, os.PathLike)):
         return load_image(image), None
     if isinstance(image, Image.Image):
@@ -114,8 +111,6 @@ def _resized(pil, chw: Tensor | None, size: tuple[int, int]):
     """The image resized to size (H, W), bilinear with antialiasing (PIL's for PIL images, as the
     authors' torchvision Resize on PIL images does)."""
     if pil is not None:
-        from PIL import Image
-
         return pil.resize((size[1], size[0]), Image.BILINEAR), None
     x = F.interpolate(chw[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
     return None, (x.round().clamp(0, 255).to(torch.uint8) if chw.dtype == torch.uint8 else x)
@@ -190,9 +185,10 @@ class Scorer:
             checkpoint's config names KonIQ or SPAQ (the authors' protocol for them), else none; None:
             never. Images under 224 on a side are enlarged to 224 there, keeping the aspect ratio.
         cuda_graphs: on CUDA, replay each batch size as a CUDA graph (captured on first use).
-        compile: torch.compile the model (on CPU with weight freezing, which prepacks the oneDNN
-            weights: ~1.5x faster in bf16 for Swin-B); costs a one-time compile (~45 s for Swin-B on
-            2 CPU cores), and batches are padded to batch_size so that one shape is compiled.
+        compile: torch.compile the model (on CPU with weight freezing, which lets inductor prepack
+            the oneDNN weights); a one-time compile (~10-45 s for Swin-B on 2 CPU cores), and batches
+            are padded to batch_size so that one shape is compiled. It gains little on a CPU (the
+            Benchmarks section of README.md has the figures).
         impl: the head's ops (see lifeiqa_fast.ops). progress: a progress bar over images.
 
     scorer(images) takes an image tensor batch (B, 3, H, W) or one image (3, H, W) (RGB, float in
@@ -227,14 +223,19 @@ class Scorer:
         if resize == "auto":
             dataset = config_value(getattr(model, "checkpoint_config", {}), "DATA.DATASET")
             resize = RESIZED_DATASETS.get(str(dataset).lower())
+        if resize is not None and not (isinstance(resize, (tuple, list)) and len(resize) == 2 and
+                                       all(isinstance(v, int) and v >= CROP for v in resize)):
+            raise ValueError(f"lifeiqa_fast.Scorer: resize must be 'auto', None or (H, W) with H, W >= {CROP}, "
+                             f"got {resize!r}")
         self.resize = tuple(resize) if resize else None
         self.model = optimize(model, impl).eval().requires_grad_(False).to(self.device, self.dtype)
         self.batch_size, self.crops, self.seed, self.progress = batch_size, crops, seed, progress
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self._compiled = None
-        if compile:
+        self.compiled = compile
+        self._forward = self.model
+        if compile:  # freezing: the weights become constants, which lets inductor prepack them for oneDNN
             options = {"freezing": True} if self.device.type == "cpu" else None
-            self._compiled = torch.compile(self._scores, fullgraph=True, options=options)
+            self._forward = torch.compile(self.model, fullgraph=True, options=options)
         self._graphs: dict[int, _CudaGraph] = {}
         self._mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
@@ -242,14 +243,13 @@ class Scorer:
     def _scores(self, x: Tensor) -> Tensor:
         """(n, 3, 224, 224) crops in [0, 1], float32 -> (n,) float32 scores."""
         x = ((x - self._mean) / self._std).to(self.dtype)
-        return self.model(x)[0].view(-1).float()
+        return self._forward(x)[0].view(-1).float()
 
     def _run(self, batch: Tensor) -> Tensor:
         """Scores of a batch of crops already on the device."""
         n = batch.shape[0]
-        if self._compiled is not None:  # one compiled shape: pad to batch_size
-            padded = F.pad(batch, (0, 0, 0, 0, 0, 0, 0, self.batch_size - n))
-            return self._compiled(padded)[:n]
+        if self.compiled:  # one compiled shape: pad to batch_size
+            return self._scores(F.pad(batch, (0, 0, 0, 0, 0, 0, 0, self.batch_size - n)))[:n]
         if self.cuda_graphs:
             if n not in self._graphs:
                 try:
@@ -261,10 +261,11 @@ class Scorer:
             return self._graphs[n](batch)
         return self._scores(batch)
 
-    def _crops(self, image) -> Tensor:
-        """One image's crops, (n, 3, 224, 224), uint8 or float32 in [0, 1], on the CPU."""
+    def _crops(self, image, resized: bool) -> Tensor:
+        """One image's crops, (n, 3, 224, 224), uint8 or float32 in [0, 1], on the CPU (resized: already
+        at self.resize)."""
         pil, chw = _as_chw(image)
-        if self.resize is not None:
+        if self.resize is not None and not resized:
             pil, chw = _resized(pil, chw, self.resize)
         if chw is None:
             chw = torch.from_numpy(np.array(pil)).permute(2, 0, 1)  # a copy: PIL's buffer is read-only
@@ -278,21 +279,32 @@ class Scorer:
         return torch.stack([chw[:, t:t + CROP, l:l + CROP] for t, l in crop_corners(h, w, self.crops, self.seed)])
 
     def _prepared(self, images: list) -> Iterator[tuple[Tensor | None, str | None]]:
-        """(crops, None) or (None, why) per image, in order; files decoded by worker threads ahead."""
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            def job(image):
-                try:
-                    return self._crops(image), None
-                except ImageError as exc:
-                    return None, str(exc)
+        """(crops, None) or (None, why) per image, in order. Files are decoded (and resized) by worker
+        threads ahead, in PIL only: a thread that ran ATen's parallel ops would start an OpenMP team of
+        its own, whose spinning threads slow the model's down (measured: +15% per batch on 2 cores)."""
+        def decode(path):
+            try:
+                image = load_image(path)
+                return (_resized(image, None, self.resize)[0] if self.resize else image), None
+            except ImageError as exc:
+                return None, str(exc)
 
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
             pending = deque()
+
+            def ready():
+                item = pending.popleft()
+                if not isinstance(item, Future):
+                    return self._crops(item, resized=False), None
+                image, error = item.result()
+                return (None, error) if error else (self._crops(image, resized=True), None)
+
             for image in images:
-                pending.append(pool.submit(job, image))
+                pending.append(pool.submit(decode, image) if isinstance(image, (str, os.PathLike)) else image)
                 if len(pending) > 2 * self.batch_size:
-                    yield pending.popleft().result()
+                    yield ready()
             while pending:
-                yield pending.popleft().result()
+                yield ready()
 
     @torch.inference_mode()
     def _score_list(self, images: list) -> tuple[Tensor, list[str | None]]:

@@ -149,7 +149,7 @@ def _official_checkpoint(model, path):
     yacs.config.CfgNode = CfgNode
     sys.modules.update({"yacs": yacs, "yacs.config": yacs.config})
     try:
-        config = CfgNode(MODEL=CfgNode(NUM_EXPERTS=4))
+        config = CfgNode(MODEL=CfgNode(SWIN=CfgNode(NUM_EXPERTS=4, TOP_K=1)), DATA=CfgNode(DATASET="koniq"))
         torch.save({"model": model.state_dict(), "optimizer": {"state": {}}, "lr_scheduler": {},
                     "max_plcc": np.float64(0.93), "epoch": 3, "config": config}, path)
     finally:
@@ -162,10 +162,25 @@ def test_load_official_checkpoint_file(tmp_path):
     _official_checkpoint(model, path)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)  # the file really holds non-tensor classes
-    loaded = lifeiqa_fast.load_checkpoint(path, top_k=1, **TINY)
-    assert (loaded.config["num_experts"], loaded.config["depth"]) == (4, 2)
+    loaded = lifeiqa_fast.load_checkpoint(path, **TINY)  # top_k from the saved config's MODEL.SWIN.TOP_K
+    assert (loaded.config["num_experts"], loaded.config["top_k"], loaded.config["depth"]) == (4, 1, 2)
+    assert loaded.checkpoint_config["DATA"]["DATASET"] == "koniq"  # as plain data, for the Scorer
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
+
+
+def test_save_checkpoint_round_trip(tmp_path):
+    """save_checkpoint writes the authors' format plus our config: load_checkpoint needs no arguments."""
+    model = tiny(num_experts=4, top_k=1, depth=2, adjacency="learnable").eval()
+    path = tmp_path / "ckpt.pth"
+    lifeiqa_fast.save_checkpoint(model, path, epoch=7, max_plcc=0.9, config={"DATA": {"DATASET": "spaq"}})
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temporary file left behind
+    saved = torch.load(path, weights_only=True)
+    assert saved["epoch"] == 7 and saved["config"]["MODEL"]["SWIN"]["TOP_K"] == 1
+    loaded = lifeiqa_fast.load_checkpoint(path).eval()
+    assert loaded.config == model.config and loaded.checkpoint_config["DATA"]["DATASET"] == "spaq"
+    x = _images(1)
+    torch.testing.assert_close(loaded(x), model(x))
 
 
 def test_load_bare_state_dict_file(tmp_path):

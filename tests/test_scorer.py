@@ -152,6 +152,8 @@ def test_unreadable_files_get_nan_and_a_reason(model, tmp_path):
     (dict(crops="random"), "crops must be 'grid' or a positive int, got 'random'"),
     (dict(crops=0), "crops must be 'grid' or a positive int, got 0"),
     (dict(crops=True), "crops must be 'grid' or a positive int, got True"),
+    (dict(resize="512x384"), r"resize must be 'auto', None or \(H, W\)"),
+    (dict(resize=(512, 100)), r"H, W >= 224, got \(512, 100\)"),
     (dict(dtype="int8"), "dtype must be .* got 'int8'"),
     (dict(dtype="fp16"), "fp16 is for CUDA"),
 ])

@@ -1,4 +1,5 @@
-"""The lifeiqa-fast command: `lifeiqa-fast score ...` scores images, `lifeiqa-fast info` says what was built."""
+"""The lifeiqa-fast command: `score` scores images, `train` and `eval` train and evaluate on a dataset,
+`info` says what was built."""
 from __future__ import annotations
 
 import argparse
@@ -63,7 +64,76 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--json", metavar="OUT", help="write [{path, score, error}, ...] to OUT")
     out.add_argument("--csv", metavar="OUT", help="write path,score,error rows to OUT")
     commands.add_parser("info", help="what was built and which kernels impl='auto' picks")
+
+    train = commands.add_parser("train", help="train with the authors' protocol", description=(
+        "Train Life-IQA on a dataset with the authors' recipe (per-dataset presets from their configs), "
+        "evaluating the test split every epoch; several runs on random 80/20 splits by reference image; "
+        "several GPUs or machines through torchrun. Any preset value can be overridden."))
+    train.add_argument("--dataset", required=True, help="live, csiq, tid2013, kadid, livec, koniq, spaq, livefb, synthetic")
+    train.add_argument("--root", required=True, help="the dataset's folder, laid out as it ships")
+    train.add_argument("--config", help="a JSON or YAML file of settings (ours, or the authors' config layout)")
+    train.add_argument("--out", default="runs", help="output folder (default runs/): OUT/DATASET/run<r>/...")
+    train.add_argument("--resume", action="store_true", help="continue the runs in OUT from their last checkpoint")
+    for flag, kind, what in (("--repeats", int, "runs on different splits (preset: 10)"),
+                             ("--split-seed", int, "seed of the first split"), ("--split", str, "a split CSV to use"),
+                             ("--epochs", int, "epochs per run"), ("--batch-size", int, "crops per step"),
+                             ("--patch-num", int, "crops per training image per epoch"),
+                             ("--lr", float, "base learning rate"), ("--num-experts", int, "experts E"),
+                             ("--depth", int, "decoder layers"), ("--backbone", str, "a timm Swin name"),
+                             ("--pretrained", str, "auto (timm's weights), none, or a weights file"),
+                             ("--impl", str, "the head's kernels"), ("--amp", str, "auto, fp16, bf16 or none"),
+                             ("--test-crops", str, "grid (default) or official (patch-num random crops)"),
+                             ("--workers", int, "data loading processes"), ("--device", str, "cpu, cuda, ..."),
+                             ("--seed", int, "training seed"), ("--limit", int, "use only the first N images")):
+        train.add_argument(flag, type=kind, help=what)
+
+    ev = commands.add_parser("eval", help="SRCC/PLCC/KRCC of a checkpoint on a dataset")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--dataset", required=True)
+    ev.add_argument("--root", required=True)
+    ev.add_argument("--split", help="a split CSV: evaluate its test side (default: every image)")
+    ev.add_argument("--crops", type=_crops, default="grid")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--device")
     return parser
+
+
+def _train(args) -> int:
+    from .train import TrainConfig, read_config_file, train
+
+    settings = read_config_file(args.config) if args.config else {}
+    for key in ("repeats", "split_seed", "split", "epochs", "batch_size", "patch_num", "num_experts", "depth",
+                "backbone", "pretrained", "impl", "amp", "test_crops", "workers", "device", "seed", "limit", "out"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if args.lr is not None:
+        settings["base_lr"] = args.lr
+    try:
+        config = TrainConfig.preset(args.dataset, args.root, **settings)
+        summary = train(config, resume=args.resume)
+    except (OSError, ValueError) as exc:
+        print(f"lifeiqa-fast train: {exc}", file=sys.stderr)
+        return 2
+    print(f"{'run':>4}  {'best epoch':>10}  {'SRCC':>6}  {'PLCC':>6}  {'last SRCC':>9}  {'last PLCC':>9}")
+    for r in summary["runs"]:
+        print(f"{r['run']:>4}  {r['best']['epoch'] + 1:>10}  {r['best']['srcc']:6.4f}  {r['max_plcc']:6.4f}  "
+              f"{r['last']['srcc']:9.4f}  {r['last']['plcc']:9.4f}")
+    print(f"median best SRCC {summary['median_best_srcc']:.4f} PLCC {summary['median_best_plcc']:.4f}; "
+          f"last SRCC {summary['median_last_srcc']:.4f} PLCC {summary['median_last_plcc']:.4f}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .train import evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(args.checkpoint, args.dataset, args.root, args.split, args.crops,
+                                     args.batch_size, args.device)
+    except (OSError, ValueError) as exc:
+        print(f"lifeiqa-fast eval: {exc}", file=sys.stderr)
+        return 2
+    print(f"{result['images']} images: SRCC {result['srcc']:.4f}  PLCC {result['plcc']:.4f}  KRCC {result['krcc']:.4f}")
+    return 0
 
 
 def _score(args) -> int:
@@ -119,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(format_info(info()))
         return 0
-    return _score(args)
+    return {"score": _score, "train": _train, "eval": _eval}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,130 @@
+"""Training with the authors' protocol on the embedded synthetic set: a short CPU run learns, a resumed
+run equals an uninterrupted one, two gloo processes train together, and eval reads the checkpoint."""
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lifeiqa_fast.train as training
+from lifeiqa_fast.train import TrainConfig, lr_factor, param_groups, read_config_file, train
+
+from test_model import TINY, tiny
+
+pytest.importorskip("skimage.data")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """3 photographs x 9 distortions x 5 levels at 224 x 224: 2 groups train (90 images), 1 tests (45)."""
+    from lifeiqa_fast.data import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("synthetic"), size=224, references=["astronaut", "chelsea", "coffee"])
+
+
+def _config(root, out, **overrides) -> TrainConfig:
+    settings = dict(out=str(out), epochs=2, patch_num=1, batch_size=8, workers=0, repeats=1, base_lr=1e-3,
+                    warmup_epochs=0, backbone=TINY["backbone"], backbone_kwargs=TINY["backbone_kwargs"])
+    return TrainConfig.preset("synthetic", root, **{**settings, **overrides})
+
+
+def test_short_run_learns_and_writes_its_files(synthetic, tmp_path):
+    summary = train(_config(synthetic, tmp_path, epochs=3))
+    run = summary["runs"][0]
+    history = [json.loads(line) for line in (tmp_path / "synthetic" / "run0" / "log.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[-1]["train_loss"] < 0.6 * history[0]["train_loss"]  # the loss falls
+    assert run["best"]["srcc"] > 0.2 and summary["median_best_srcc"] == run["best"]["srcc"]  # clearly positive
+    checkpoint = torch.load(tmp_path / "synthetic" / "run0" / "checkpoint.pth", weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "epoch", "max_plcc", "config"} <= set(checkpoint)  # official keys
+    assert checkpoint["epoch"] == 2 and checkpoint["config"]["DATA"]["DATASET"] == "synthetic"
+    split = (tmp_path / "synthetic" / "run0" / "split.csv").read_text()
+    assert split.count(",train") == 90 and split.count(",test") == 45
+
+
+def test_resumed_run_equals_uninterrupted(synthetic, tmp_path, monkeypatch):
+    whole = train(_config(synthetic, tmp_path / "whole"))
+    calls = {"n": 0}
+    evaluate = training.correlations
+
+    def interrupted(*args):  # the second epoch's evaluation is interrupted, after its training
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args)
+
+    monkeypatch.setattr(training, "correlations", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(synthetic, tmp_path / "resumed"))
+    monkeypatch.setattr(training, "correlations", evaluate)
+    resumed = train(_config(synthetic, tmp_path / "resumed"), resume=True)
+    for key in ("srcc", "plcc", "krcc", "train_loss"):
+        assert resumed["runs"][0]["last"][key] == whole["runs"][0]["last"][key], key
+    a, b = (torch.load(p / "synthetic" / "run0" / "checkpoint.pth", weights_only=True)["model"]
+            for p in (tmp_path / "whole", tmp_path / "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_gloo_processes_then_eval(synthetic, tmp_path):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"backbone": TINY["backbone"], "backbone_kwargs": TINY["backbone_kwargs"],
+                                  "patch_num": 1, "batch_size": 4, "warmup_epochs": 0, "repeats": 1}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lifeiqa_fast.cli", "train",
+         "--dataset", "synthetic", "--root", str(synthetic), "--config", str(config), "--epochs", "1",
+         "--workers", "0", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "out" / "synthetic" / "run0"
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1  # rank 0 alone writes
+    last = json.loads((tmp_path / "out" / "synthetic" / "summary.json").read_text())["runs"][0]["last"]
+    assert math.isfinite(last["srcc"]) and "median best SRCC" in result.stdout
+    # eval scores the checkpoint on the test side of the run's split: the numbers training logged
+    result = subprocess.run(
+        [sys.executable, "-m", "lifeiqa_fast.cli", "eval", "--checkpoint", str(run / "checkpoint.pth"),
+         "--dataset", "synthetic", "--root", str(synthetic), "--split", str(run / "split.csv")],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"45 images: SRCC {last['srcc']:.4f}  PLCC {last['plcc']:.4f}" in result.stdout
+
+
+def test_learning_rate_schedules():
+    config = TrainConfig.preset("koniq", "unused")  # step: warm-up 2 epochs from 2e-7, x0.1 every 10
+    f = lr_factor(config, steps_per_epoch=100)
+    lr = [config.base_lr * f(t) for t in (0, 100, 200, 999, 1000, 2000, 2999)]
+    assert lr == pytest.approx([2e-7, 1.01e-5, 2e-5, 2e-5, 2e-6, 2e-7, 2e-7])
+    config = TrainConfig.preset("livec", "unused")  # cosine from base_lr to min_lr over all 30 epochs
+    f = lr_factor(config, steps_per_epoch=10)
+    assert config.base_lr * f(150) == pytest.approx(1e-6 + 0.5 * (3e-5 - 1e-6))
+    assert config.base_lr * f(300) == pytest.approx(1e-6)
+
+
+def test_weight_decay_groups_are_the_authors():
+    model = tiny(num_experts=2, depth=2)
+    groups = param_groups(model, 0.01)
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
+    decay, plain = (set(map(id, g["params"])) for g in groups)
+    for name, p in model.named_parameters():
+        no_decay = p.dim() == 1 or name.endswith(".bias") or "relative_position_bias_table" in name
+        assert (id(p) in plain) == no_decay, name
+    assert id(model.gamma) in decay and id(model.bunch_embedding) in decay  # 0-d and 3-d: decayed, as theirs
+
+
+def test_config_files_and_bad_settings(tmp_path):
+    authors = tmp_path / "swin_koniq.yaml"
+    authors.write_text("DATA:\n  BATCH_SIZE: 64\n  PATCH_NUM: 10\nMODEL:\n  SWIN:\n    NUM_EXPERTS: 4\n"
+                       "TRAIN:\n  BASE_LR: 1.0e-4\n  LR_SCHEDULER:\n    NAME: cosine\n")
+    assert read_config_file(authors) == dict(batch_size=64, patch_num=10, num_experts=4, base_lr=1e-4,
+                                             scheduler="cosine")
+    with pytest.raises(ValueError, match="no preset for dataset 'imagenet'"):
+        TrainConfig.preset("imagenet", "root")
+    with pytest.raises(ValueError, match=r"unknown settings \['learning_rate'\]"):
+        TrainConfig.preset("koniq", "root", learning_rate=1)
+    with pytest.raises(ValueError, match="scheduler must be step or cosine"):
+        TrainConfig.preset("koniq", "root", scheduler="linear")

@@ -32,10 +32,13 @@ def _crops(value: str):
 def _resize(value: str):
     if value in ("auto", "none"):
         return None if value == "none" else value
+    if value.isdigit():
+        return int(value)  # the short side, aspect kept
     try:
         h, w = (int(v) for v in value.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be auto, none or HxW such as 512x384, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"must be auto, none, HxW such as 512x384 or a short side such as 384, "
+                                         f"got {value!r}") from None
     return h, w
 
 
@@ -52,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                             "224 crops (the authors' test protocol, seeded)")
     score.add_argument("--seed", type=int, default=0, help="seed of the random crops (default 0)")
     score.add_argument("--resize", type=_resize, default="auto",
-                       help="auto (default: 512x384 for KonIQ/SPAQ checkpoints), none, or HxW")
+                       help="auto (default: 512x384 for KonIQ/SPAQ checkpoints), none, HxW, or a short side S")
     score.add_argument("--batch-size", type=int, default=32, help="crops per forward pass (default 32)")
     score.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     score.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -84,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
                              ("--impl", str, "the head's kernels"), ("--amp", str, "auto, fp16, bf16 or none"),
                              ("--test-crops", str, "grid (default) or official (patch-num random crops)"),
                              ("--workers", int, "data loading processes"), ("--device", str, "cpu, cuda, ..."),
-                             ("--seed", int, "training seed"), ("--limit", int, "use only the first N images")):
+                             ("--seed", int, "training seed"), ("--limit", int, "use only the first N images"),
+                             ("--resize", str, "KonIQ/SPAQ: auto (the authors' 512x384), aspect (short side 384), none")):
         train.add_argument(flag, type=kind, help=what)
 
     ev = commands.add_parser("eval", help="SRCC/PLCC/KRCC of a checkpoint on a dataset")
@@ -103,7 +107,8 @@ def _train(args) -> int:
 
     settings = read_config_file(args.config) if args.config else {}
     for key in ("repeats", "split_seed", "split", "epochs", "batch_size", "patch_num", "num_experts", "depth",
-                "backbone", "pretrained", "impl", "amp", "test_crops", "workers", "device", "seed", "limit", "out"):
+                "backbone", "pretrained", "impl", "amp", "test_crops", "workers", "device", "seed", "limit", "out",
+                "resize"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if args.lr is not None:

@@ -107,9 +107,14 @@ def _as_chw(image) -> tuple[object, Tensor | None]:
     return None, image.detach().cpu()
 
 
-def _resized(pil, chw: Tensor | None, size: tuple[int, int]):
-    """The image resized to size (H, W), bilinear with antialiasing (PIL's for PIL images, as the
-    authors' torchvision Resize on PIL images does)."""
+def resize_image(pil, chw: Tensor | None, size: tuple[int, int] | int):
+    """(PIL image or None, (3, H, W) tensor or None), exactly one set, resized to size: (H, W), or an
+    int: the short side, the aspect ratio kept. Bilinear with antialiasing (PIL's for PIL images, as
+    the authors' torchvision Resize on PIL images does)."""
+    h, w = (pil.height, pil.width) if pil is not None else tuple(chw.shape[1:])
+    if isinstance(size, int):
+        scale = size / min(h, w)
+        size = (max(size, round(h * scale)), max(size, round(w * scale)))
     if pil is not None:
         return pil.resize((size[1], size[0]), Image.BILINEAR), None
     x = F.interpolate(chw[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
@@ -181,9 +186,9 @@ class Scorer:
         batch_size: crops per forward pass.
         crops: "grid" (default: a deterministic grid covering the image, see crop_corners) or an int N
             (the authors' test protocol: N random crops, seeded with seed, the same for the same image).
-        resize: (H, W) to resize every image to before cropping; "auto": (512, 384) when the
-            checkpoint's config names KonIQ or SPAQ (the authors' protocol for them), else none; None:
-            never. Images under 224 on a side are enlarged to 224 there, keeping the aspect ratio.
+        resize: (H, W) to resize every image to before cropping, or an int: its short side, the
+            aspect ratio kept; "auto": (512, 384) when the checkpoint's config names KonIQ or SPAQ (the
+            authors' protocol for them), else none; None: never. Images under 224 on a side are enlarged to 224 there, keeping the aspect ratio.
         cuda_graphs: on CUDA, replay each batch size as a CUDA graph (captured on first use).
         compile: torch.compile the model (on CPU with weight freezing, which lets inductor prepack
             the oneDNN weights); a one-time compile (~10-45 s for Swin-B on 2 CPU cores), and batches
@@ -223,11 +228,13 @@ class Scorer:
         if resize == "auto":
             dataset = config_value(getattr(model, "checkpoint_config", {}), "DATA.DATASET")
             resize = RESIZED_DATASETS.get(str(dataset).lower())
-        if resize is not None and not (isinstance(resize, (tuple, list)) and len(resize) == 2 and
-                                       all(isinstance(v, int) and v >= CROP for v in resize)):
-            raise ValueError(f"lifeiqa_fast.Scorer: resize must be 'auto', None or (H, W) with H, W >= {CROP}, "
-                             f"got {resize!r}")
-        self.resize = tuple(resize) if resize else None
+        sizes = [resize] if isinstance(resize, int) else list(resize) if isinstance(resize, (tuple, list)) else []
+        well_formed = len(sizes) == (1 if isinstance(resize, int) else 2) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= CROP for v in sizes)
+        if resize is not None and not well_formed:
+            raise ValueError(f"lifeiqa_fast.Scorer: resize must be 'auto', None, (H, W) or a short side, each >= "
+                             f"{CROP}, got {resize!r}")
+        self.resize = tuple(resize) if isinstance(resize, (tuple, list)) else resize
         self.model = optimize(model, impl).eval().requires_grad_(False).to(self.device, self.dtype)
         self.batch_size, self.crops, self.seed, self.progress = batch_size, crops, seed, progress
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
@@ -266,13 +273,12 @@ class Scorer:
         at self.resize)."""
         pil, chw = _as_chw(image)
         if self.resize is not None and not resized:
-            pil, chw = _resized(pil, chw, self.resize)
+            pil, chw = resize_image(pil, chw, self.resize)
         if chw is None:
             chw = torch.from_numpy(np.array(pil)).permute(2, 0, 1)  # a copy: PIL's buffer is read-only
         h, w = chw.shape[1:]
         if min(h, w) < CROP:  # too small to crop: enlarge, short side to 224
-            scale = CROP / min(h, w)
-            _, chw = _resized(None, chw, (max(CROP, round(h * scale)), max(CROP, round(w * scale))))
+            _, chw = resize_image(None, chw, CROP)
             h, w = chw.shape[1:]
         if chw.is_floating_point():
             chw = chw.float()
@@ -285,7 +291,7 @@ class Scorer:
         def decode(path):
             try:
                 image = load_image(path)
-                return (_resized(image, None, self.resize)[0] if self.resize else image), None
+                return (resize_image(image, None, self.resize)[0] if self.resize else image), None
             except ImageError as exc:
                 return None, str(exc)
 

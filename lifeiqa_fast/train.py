@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .metrics import evaluate as correlations
 from .model import LifeIQA, load_checkpoint, save_checkpoint
-from .scorer import CROP, MEAN, STD, ImageError, RESIZED_DATASETS, Scorer, load_image
+from .scorer import CROP, MEAN, STD, RESIZED_DATASETS, ImageError, Scorer, load_image, resize_image
 
 # The authors' configs/swin/<dataset>.yaml; every run: 30 epochs, 2 warm-up, weight decay 0.01, top-2.
 PRESETS = {
@@ -52,10 +52,12 @@ PRESETS = {
     "koniq": dict(batch_size=128, patch_num=40, num_experts=2, depth=4, base_lr=2e-5, warmup_lr=2e-7, min_lr=2e-6),
     "spaq": dict(batch_size=128, patch_num=40, num_experts=8, depth=4, base_lr=2e-5, warmup_lr=2e-7, min_lr=2e-6),
     "livefb": dict(batch_size=128, patch_num=40, num_experts=2, depth=4, base_lr=2e-5, warmup_lr=2e-6, min_lr=2e-6),
-    # ours: the embedded synthetic set (lifeiqa_fast.data.synthetic), sized for a laptop CPU
-    "synthetic": dict(batch_size=16, patch_num=4, num_experts=2, depth=2, base_lr=1e-4, warmup_lr=1e-6, min_lr=1e-6,
-                      epochs=10, warmup_epochs=1, scheduler="cosine", repeats=1, pretrained="none",
-                      backbone="swin_tiny_patch4_window7_224"),
+    # ours: the embedded synthetic set (lifeiqa_fast.data.synthetic) and a small Swin trained from scratch,
+    # sized for a 2-core CPU (no pretrained weights offline)
+    "synthetic": dict(batch_size=16, patch_num=4, num_experts=2, depth=2, base_lr=3e-4, warmup_lr=1e-6, min_lr=1e-6,
+                      epochs=10, warmup_epochs=1, scheduler="cosine", repeats=1, pretrained="none", workers=2,
+                      backbone="swin_tiny_patch4_window7_224",
+                      backbone_kwargs=dict(embed_dim=48, depths=(1, 1, 2, 1), num_heads=(2, 4, 8, 16))),
 }
 
 
@@ -116,6 +118,7 @@ class TrainConfig:
     pretrained: str = "auto"  # auto: timm's ImageNet weights (needs them cached or a network); none; a path
     impl: str = "auto"
     test_crops: str = "grid"  # or "official": patch_num random crops per test image
+    resize: str = "auto"  # KonIQ/SPAQ: "auto", the authors' (512, 384) squash; "aspect", short side to 384; "none"
     workers: int = 4
     device: str | None = None
     limit: int | None = None  # only the first `limit` records of the dataset (smoke runs)
@@ -133,7 +136,17 @@ class TrainConfig:
         if config.scheduler not in ("step", "cosine") or config.amp not in ("auto", "fp16", "bf16", "none"):
             raise ValueError(f"lifeiqa_fast.train: scheduler must be step or cosine and amp auto, fp16, bf16 or "
                              f"none, got {config.scheduler!r}, {config.amp!r}")
+        if config.resize not in ("auto", "aspect", "none") or config.test_crops not in ("grid", "official"):
+            raise ValueError(f"lifeiqa_fast.train: resize must be auto, aspect or none and test_crops grid or "
+                             f"official, got {config.resize!r}, {config.test_crops!r}")
         return config
+
+    def image_resize(self) -> tuple[int, int] | int | None:
+        """What images are resized to before cropping (see resize_image)."""
+        size = RESIZED_DATASETS.get(self.dataset)
+        if size is None or self.resize == "none":
+            return None
+        return size if self.resize == "auto" else min(size)
 
 
 class TrainCrops(Dataset):
@@ -156,12 +169,10 @@ class TrainCrops(Dataset):
             return self.cache[path]
         pil = load_image(path)
         if self.resize:
-            pil = pil.resize((self.resize[1], self.resize[0]), resample=2)  # PIL bilinear, as torchvision's Resize
+            pil = resize_image(pil, None, self.resize)[0]
         x = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
         if min(x.shape[1:]) < CROP:
-            scale = CROP / min(x.shape[1:])
-            size = [max(CROP, round(s * scale)) for s in x.shape[1:]]
-            x = F.interpolate(x[None].float(), size=size, mode="bilinear", antialias=True)[0].round().byte()
+            x = resize_image(None, x, CROP)[1]
         if x.numel() <= self.cache_left:
             self.cache[path], self.cache_left = x, self.cache_left - x.numel()
         return x
@@ -295,7 +306,7 @@ def train_run(config: TrainConfig, train_records, test_records, run_dir: Path, r
     rank, world = _distributed()
     device = torch.device(config.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
                                             if torch.cuda.is_available() else "cpu"))
-    resize = RESIZED_DATASETS.get(config.dataset)
+    resize = config.image_resize()
     run_seed = config.seed + 1000 * run
     _seed_everything(run_seed)
     pretrained = {"auto": True, "none": False}.get(config.pretrained, config.pretrained)
@@ -354,7 +365,7 @@ def train_run(config: TrainConfig, train_records, test_records, run_dir: Path, r
         net.eval()
         with torch.no_grad():
             scores = _score(model, test_records, config, device, resize)
-        metrics = correlations(scores, torch.tensor([r.label for r in test_records]))
+        metrics = _correlations(scores, test_records)
         history.append({"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                         "seconds": time.perf_counter() - t0, **metrics})
         if rank == 0:
@@ -367,6 +378,13 @@ def train_run(config: TrainConfig, train_records, test_records, run_dir: Path, r
             with log.open("a") as f:
                 f.write(json.dumps(history[-1]) + "\n")
     return {"run": run, "history": history, **_best(history), "last": history[-1] if history else None}
+
+
+def _correlations(scores: torch.Tensor, records) -> dict:
+    """SRCC/PLCC/KRCC over the images that have a score (an unreadable one has NaN and was reported)."""
+    labels = torch.tensor([r.label for r in records], dtype=torch.float64)
+    scored = torch.isfinite(scores)
+    return {**correlations(scores[scored], labels[scored]), "unscored": int((~scored).sum())}
 
 
 def _best(history: list[dict]) -> dict:
@@ -424,5 +442,4 @@ def evaluate_checkpoint(checkpoint, dataset: str, root, split=None, crops="grid"
     model = load_checkpoint(checkpoint)
     scorer = Scorer(model, device=device, dtype="fp32", batch_size=batch_size, crops=crops,
                     resize=RESIZED_DATASETS.get(dataset), progress=True)
-    scores = scorer([r.path for r in records])
-    return {"images": len(records), **correlations(scores, torch.tensor([r.label for r in records]))}
+    return {"images": len(records), **_correlations(scorer([r.path for r in records]), records)}

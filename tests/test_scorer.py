@@ -152,8 +152,9 @@ def test_unreadable_files_get_nan_and_a_reason(model, tmp_path):
     (dict(crops="random"), "crops must be 'grid' or a positive int, got 'random'"),
     (dict(crops=0), "crops must be 'grid' or a positive int, got 0"),
     (dict(crops=True), "crops must be 'grid' or a positive int, got True"),
-    (dict(resize="512x384"), r"resize must be 'auto', None or \(H, W\)"),
-    (dict(resize=(512, 100)), r"H, W >= 224, got \(512, 100\)"),
+    (dict(resize="512x384"), r"resize must be 'auto', None, \(H, W\) or a short side"),
+    (dict(resize=(512, 100)), r"each >= 224, got \(512, 100\)"),
+    (dict(resize=100), r"each >= 224, got 100"),
     (dict(dtype="int8"), "dtype must be .* got 'int8'"),
     (dict(dtype="fp16"), "fp16 is for CUDA"),
 ])
@@ -199,6 +200,10 @@ def test_resize_before_cropping(model):
     resized = torch.from_numpy(np.array(image.resize((384, 512), Image.BILINEAR))).permute(2, 0, 1)
     crops = [resized[:, t:t + 224, l:l + 224] for t in (0, 144, 288) for l in (0, 160)]
     assert_same(Scorer(model, dtype="fp32", resize=(512, 384))(image), model_mean(model, crops), 1e-5)
+    # an int: the short side, the aspect kept: 400 x 600 -> 256 x 384, rows 0 32, columns 0 160
+    kept = torch.from_numpy(np.array(image.resize((384, 256), Image.BILINEAR))).permute(2, 0, 1)
+    crops = [kept[:, t:t + 224, l:l + 224] for t in (0, 32) for l in (0, 160)]
+    assert_same(Scorer(model, dtype="fp32", resize=256)(image), model_mean(model, crops), 1e-5)
 
 
 def test_resize_auto_follows_the_checkpoint_dataset(model, tmp_path):

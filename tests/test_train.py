@@ -128,3 +128,28 @@ def test_config_files_and_bad_settings(tmp_path):
         TrainConfig.preset("koniq", "root", learning_rate=1)
     with pytest.raises(ValueError, match="scheduler must be step or cosine"):
         TrainConfig.preset("koniq", "root", scheduler="linear")
+
+
+def test_resize_settings():
+    assert TrainConfig.preset("koniq", "r").image_resize() == (512, 384)  # the authors' squash
+    assert TrainConfig.preset("spaq", "r", resize="aspect").image_resize() == 384  # short side, aspect kept
+    assert TrainConfig.preset("koniq", "r", resize="none").image_resize() is None
+    assert TrainConfig.preset("livec", "r").image_resize() is None
+    with pytest.raises(ValueError, match="resize must be auto, aspect or none"):
+        TrainConfig.preset("koniq", "r", resize="squash")
+
+
+def test_unreadable_training_image_is_reported_once_and_skipped(synthetic, tmp_path):
+    from lifeiqa_fast.data import Record
+    from lifeiqa_fast.train import TrainCrops, skip_unreadable
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG not really")
+    good = next((synthetic / "distorted_images").iterdir())
+    crops = TrainCrops([Record(bad, 1.0, "a"), Record(good, 2.0, "b")], patch_num=2, resize=None)
+    with pytest.warns(UserWarning, match="bad.png") as record:
+        samples = [crops[(i, 0)] for i in range(len(crops))]
+    assert len(record) == 1 and samples[0] is None and samples[1] is None  # warned once, for both its samples
+    x, y = skip_unreadable(samples)
+    assert x.shape == (2, 3, 224, 224) and y.tolist() == [2.0, 2.0]
+    assert skip_unreadable([None, None]) is None

@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
         "Train Life-IQA on a dataset with the authors' recipe (per-dataset presets from their configs), "
         "evaluating the test split every epoch; several runs on random 80/20 splits by reference image; "
         "several GPUs or machines through torchrun. Any preset value can be overridden."))
-    train.add_argument("--dataset", required=True, help="live, csiq, tid2013, kadid, livec, koniq, spaq, livefb, synthetic")
+    train.add_argument("--dataset", required=True,
+                       help="live, csiq, tid2013, kadid, livec, koniq, spaq, livefb or synthetic")
     train.add_argument("--root", required=True, help="the dataset's folder, laid out as it ships")
     train.add_argument("--config", help="a JSON or YAML file of settings (ours, or the authors' config layout)")
     train.add_argument("--out", default="runs", help="output folder (default runs/): OUT/DATASET/run<r>/...")
@@ -88,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
                              ("--test-crops", str, "grid (default) or official (patch-num random crops)"),
                              ("--workers", int, "data loading processes"), ("--device", str, "cpu, cuda, ..."),
                              ("--seed", int, "training seed"), ("--limit", int, "use only the first N images"),
-                             ("--resize", str, "KonIQ/SPAQ: auto (the authors' 512x384), aspect (short side 384), none")):
+                             ("--resize", str, "KonIQ/SPAQ: auto (the authors' 512x384), aspect, none")):
         train.add_argument(flag, type=kind, help=what)
 
     ev = commands.add_parser("eval", help="SRCC/PLCC/KRCC of a checkpoint on a dataset")
@@ -119,11 +120,12 @@ def _train(args) -> int:
     except (OSError, ValueError) as exc:
         print(f"lifeiqa-fast train: {exc}", file=sys.stderr)
         return 2
-    print(f"{'run':>4}  {'best epoch':>10}  {'SRCC':>6}  {'PLCC':>6}  {'last SRCC':>9}  {'last PLCC':>9}")
+    print(f"{'run':>4}  {'best epoch':>10}  {'SRCC':>6}  {'max PLCC':>8}  {'last SRCC':>9}  {'last PLCC':>9}")
     for r in summary["runs"]:
-        print(f"{r['run']:>4}  {r['best']['epoch'] + 1:>10}  {r['best']['srcc']:6.4f}  {r['max_plcc']:6.4f}  "
+        print(f"{r['run']:>4}  {r['best']['epoch'] + 1:>10}  {r['best']['srcc']:6.4f}  {r['max_plcc']:8.4f}  "
               f"{r['last']['srcc']:9.4f}  {r['last']['plcc']:9.4f}")
-    print(f"median best SRCC {summary['median_best_srcc']:.4f} PLCC {summary['median_best_plcc']:.4f}; "
+    print(f"median over runs: best SRCC {summary['median_best_srcc']:.4f}, "
+          f"max PLCC {summary['median_best_plcc']:.4f}; "
           f"last SRCC {summary['median_last_srcc']:.4f} PLCC {summary['median_last_plcc']:.4f}")
     return 0
 

@@ -188,7 +188,8 @@ class Scorer:
             (the authors' test protocol: N random crops, seeded with seed, the same for the same image).
         resize: (H, W) to resize every image to before cropping, or an int: its short side, the
             aspect ratio kept; "auto": (512, 384) when the checkpoint's config names KonIQ or SPAQ (the
-            authors' protocol for them), else none; None: never. Images under 224 on a side are enlarged to 224 there, keeping the aspect ratio.
+            authors' protocol for them), else none; None: never. Images under 224 on a side are
+            enlarged to 224 there, keeping the aspect ratio.
         cuda_graphs: on CUDA, replay each batch size as a CUDA graph (captured on first use).
         compile: torch.compile the model (on CPU with weight freezing, which lets inductor prepack
             the oneDNN weights); a one-time compile (~10-45 s for Swin-B on 2 CPU cores), and batches

@@ -424,8 +424,10 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
         runs.append(train_run(config, train_records, test_records, run_dir, run, resume))
     summary = {"config": asdict(config), "runs": [{k: v for k, v in r.items() if k != "history"} for r in runs]}
+    # the authors' numbers (their "Max SRCC", "Max PLCC"), then the last epoch's, each a median over runs
+    summary["median_best_srcc"] = statistics.median(r["max_srcc"] for r in runs)
+    summary["median_best_plcc"] = statistics.median(r["max_plcc"] for r in runs)
     for key in ("srcc", "plcc", "krcc"):
-        summary[f"median_best_{key}"] = statistics.median(r["best"][key] for r in runs)
         summary[f"median_last_{key}"] = statistics.median(r["last"][key] for r in runs)
     if rank == 0:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -37,7 +37,8 @@ CASES = {  # name -> rng -> (pred, target)
     "negative correlation": lambda rng: noisy(rng, 500, slope=-0.7),
     "rounded, ties in both": lambda rng: tuple(np.round(v) for v in noisy(rng, 1000)),
     "MOS 1-5 labels": lambda rng: (lambda x: (x, np.clip(np.round(3 + x), 1, 5)))(rng.normal(size=800)),
-    "both 1-5, joint ties": lambda rng: (lambda x: (x, np.clip(x + rng.integers(-1, 2, 300), 1, 5)))(rng.integers(1, 6, 300)),
+    "both 1-5, joint ties": lambda rng: (lambda x: (x, np.clip(x + rng.integers(-1, 2, 300), 1, 5)))(
+        rng.integers(1, 6, 300)),
     "ties in pred only": lambda rng: (rng.integers(0, 4, 200), rng.normal(size=200)),
     "monotone, nonlinear": lambda rng: (lambda x: (x, np.exp(3 * x)))(rng.normal(size=100)),
     "anti-monotone": lambda rng: (lambda x: (x, -(x ** 3)))(rng.normal(size=100)),

@@ -302,6 +302,12 @@ class FusedForward:
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.forward_head(*self.forward_features(x))
 
+    def __reduce_ex__(self, protocol):
+        base = type(self).__bases__[-1]
+        if _FAST_CLASSES.get(base) is type(self):  # made by optimize(): rebuilt from the model's own class
+            return _new_fast, (base,), self.__dict__
+        return super().__reduce_ex__(protocol)
+
     @property
     def impl(self) -> str | None:
         return self._impl
@@ -486,6 +492,19 @@ _MOE_LAYOUT = ("router.linear", "experts", "top_k")
 _FAST_CLASSES: dict[type, type] = {}
 
 
+def _fast_class(cls: type) -> type:
+    """The class optimize() gives a model of class cls: Fast<cls>, a subclass of FusedForward and cls."""
+    if cls not in _FAST_CLASSES:
+        _FAST_CLASSES[cls] = type(f"Fast{cls.__name__}", (FusedForward, cls), {"__module__": cls.__module__})
+    return _FAST_CLASSES[cls]
+
+
+def _new_fast(cls: type):
+    """Unpickling an optimised model: an empty instance of _fast_class(cls), which pickle cannot find by
+    name (it is made at run time); its state is set by pickle afterwards."""
+    return object.__new__(_fast_class(cls))
+
+
 def _missing(module, paths) -> list[str]:
     missing = []
     for path in paths:
@@ -518,7 +537,8 @@ def optimize(model: nn.Module, impl: str = "auto") -> nn.Module:
     float rounding, and the same gradients. impl: as LifeIQA's ("reference" computes the authors' way
     again). On an optimised model it only sets impl.
     """
-    _check_impl(impl)
+    if impl is not None:
+        _check_impl(impl)
     if not isinstance(model, nn.Module):
         raise TypeError(f"lifeiqa_fast.optimize: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(model, FusedForward):
@@ -532,9 +552,6 @@ def optimize(model: nn.Module, impl: str = "auto") -> nn.Module:
         if missing:
             raise ValueError(f"lifeiqa_fast.optimize: {type(model).__name__} does not have the authors' Life-IQA "
                              f"layout; missing: {', '.join(missing)}")
-        cls = type(model)
-        if cls not in _FAST_CLASSES:
-            _FAST_CLASSES[cls] = type(f"Fast{cls.__name__}", (FusedForward, cls), {"__module__": cls.__module__})
         _retype(model.UPP_layer3, GridPool, grid=getattr(model.UPP_layer3, "pool_size", 7))
         for layer in model.bunch_decoder.layers:
             _retype(layer, DecoderLayer, adj=getattr(layer, "adj", None))
@@ -543,21 +560,25 @@ def optimize(model: nn.Module, impl: str = "auto") -> nn.Module:
             _retype(moe, MLP)
         else:
             _retype(moe, SparseMoE, _cache=None)
-        model.__class__ = _FAST_CLASSES[cls]
+        model.__class__ = _fast_class(type(model))
     model.impl = impl
     return model
 
 
 def save_checkpoint(model: LifeIQA, path, **extra) -> None:
-    """Write model in the authors' checkpoint format, atomically (a temporary file, then a rename):
+    """Write model (a LifeIQA, or one wrapped by torch.compile or DistributedDataParallel) in the
+    authors' checkpoint format, atomically (a temporary file, then a rename):
     {'model': state dict, 'config': {'MODEL': {'SWIN': {'NUM_EXPERTS', 'TOP_K', 'DEPTH', 'EMBED_DIM',
     'JUERY_NUMS'}}, 'LIFEIQA_FAST': model.config}, **extra} (extra: 'optimizer', 'lr_scheduler',
     'epoch', 'max_plcc', ...; a 'config' mapping there is merged). load_checkpoint rebuilds the
     model from it, backbone included; the authors' code reads its 'model'."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    model = getattr(model, "module", model)  # DistributedDataParallel's
     c = model.config
     swin = dict(NUM_EXPERTS=c["num_experts"], TOP_K=c["top_k"], DEPTH=c["depth"], EMBED_DIM=c["embed_dim"],
                 JUERY_NUMS=c["num_queries"])
-    config = {**dict(extra.pop("config", None) or {}), "MODEL": {"SWIN": swin}, "LIFEIQA_FAST": dict(c)}
+    given = dict(extra.pop("config", None) or {})
+    config = {**given, "MODEL": {**dict(given.get("MODEL", {})), "SWIN": swin}, "LIFEIQA_FAST": dict(c)}
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:

@@ -30,6 +30,7 @@ STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"})
 # Datasets whose images the authors resize to (H, W) before cropping (torchvision Resize((512, 384))).
 RESIZED_DATASETS = {"koniq": (512, 384), "spaq": (512, 384)}
+DECODE_THREADS = min(4, os.cpu_count() or 1)  # files decoded ahead of the model, 2 per thread at most
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -70,16 +71,21 @@ def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     return files
 
 
+def _rgb(image: Image.Image) -> Image.Image:
+    """An RGB PIL image: 16-bit and float grey scaled to 8 bits (PIL's convert would clip them)."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        grey = np.asarray(image, dtype=np.float32)
+        top = 65535.0 if image.mode != "F" else max(1.0, float(grey.max()))
+        return Image.fromarray(np.clip(grey / top * 255 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(path: str | os.PathLike):
     """The file as an RGB PIL image, fully decoded; ImageError naming the file if it cannot be."""
     try:
         with Image.open(path) as image:
-            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: scaled, not clipped
-                grey = np.asarray(image, dtype=np.float32)
-                top = 65535.0 if image.mode != "F" else max(1.0, float(grey.max()))
-                return Image.fromarray(np.clip(grey / top * 255 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            return _rgb(image)
+    except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, EOFError, ... for damaged files
         raise ImageError(f"lifeiqa_fast: cannot read {path} as an image: {exc}") from exc
 
 
@@ -89,7 +95,7 @@ def _as_chw(image) -> tuple[object, Tensor | None]:
     if isinstance(image, (str, os.PathLike)):
         return load_image(image), None
     if isinstance(image, Image.Image):
-        return image.convert("RGB"), None
+        return _rgb(image), None
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
@@ -145,15 +151,20 @@ def crop_corners(height: int, width: int, crops: int | str, seed: int) -> list[t
 def _default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPUs that have it (else fp16) and on CPUs with native bf16 (AVX512-BF16 or AMX) where
     it is ~2.8x faster than fp32 for Swin-B; fp32 elsewhere."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":  # native bf16 from Ampere (sm_80) on; older GPUs would emulate it
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         return torch.bfloat16
     return torch.float32
 
 
+class GraphCaptureError(RuntimeError):
+    """The model cannot run as a CUDA graph."""
+
+
 class _CudaGraph:
-    """fn replayed as one CUDA graph for one input shape: warmed up on a side stream, then captured."""
+    """fn replayed as one CUDA graph for one input shape: warmed up on a side stream, then captured.
+    Raises GraphCaptureError if fn cannot be captured (a host sync in it, for one)."""
 
     def __init__(self, fn: Callable[[Tensor], Tensor], example: Tensor):
         self.input = example.clone()
@@ -164,13 +175,16 @@ class _CudaGraph:
                 fn(self.input)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = fn(self.input)
+        try:
+            with torch.cuda.graph(self.graph):
+                self.output = fn(self.input)
+        except RuntimeError as exc:
+            raise GraphCaptureError(str(exc)) from exc
 
     def __call__(self, x: Tensor) -> Tensor:
         self.input.copy_(x)
         self.graph.replay()
-        return self.output  # overwritten by the next replay: used before it, in stream order
+        return self.output.clone()  # the next replay overwrites self.output
 
 
 class Scorer:
@@ -187,10 +201,12 @@ class Scorer:
         crops: "grid" (default: a deterministic grid covering the image, see crop_corners) or an int N
             (the authors' test protocol: N random crops, seeded with seed, the same for the same image).
         resize: (H, W) to resize every image to before cropping, or an int: its short side, the
-            aspect ratio kept; "auto": (512, 384) when the checkpoint's config names KonIQ or SPAQ (the
+            aspect ratio kept; "auto": what the checkpoint was trained with (its config's DATA.RESIZE,
+            written by lifeiqa_fast.train), else (512, 384) when its config names KonIQ or SPAQ (the
             authors' protocol for them), else none; None: never. Images under 224 on a side are
             enlarged to 224 there, keeping the aspect ratio.
-        cuda_graphs: on CUDA, replay each batch size as a CUDA graph (captured on first use).
+        cuda_graphs: on CUDA, replay the model as a CUDA graph (captured on first use, batches padded
+            to batch_size); where it cannot be captured, a warning and eager runs.
         compile: torch.compile the model (on CPU with weight freezing, which lets inductor prepack
             the oneDNN weights); a one-time compile (~10-45 s for Swin-B on 2 CPU cores), and batches
             are padded to batch_size so that one shape is compiled. It gains little on a CPU (the
@@ -211,6 +227,9 @@ class Scorer:
         if crops != "grid" and not (isinstance(crops, int) and not isinstance(crops, bool) and crops >= 1):
             raise ValueError(f"lifeiqa_fast.Scorer: crops must be 'grid' or a positive int, got {crops!r}")
         self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"lifeiqa_fast.Scorer: device {str(self.device)!r} asked for, but no CUDA device is "
+                             f"available")
         if isinstance(dtype, str) and dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"lifeiqa_fast.Scorer: dtype must be 'auto', one of {sorted(DTYPES)} or a torch "
                              f"dtype, got {dtype!r}")
@@ -226,9 +245,11 @@ class Scorer:
         else:
             raise TypeError(f"lifeiqa_fast.Scorer: model must be a module or a checkpoint path, "
                             f"got {type(model).__name__}")
-        if resize == "auto":
-            dataset = config_value(getattr(model, "checkpoint_config", {}), "DATA.DATASET")
-            resize = RESIZED_DATASETS.get(str(dataset).lower())
+        if resize == "auto":  # as the checkpoint's training did: its DATA.RESIZE, else the dataset's protocol
+            saved = getattr(model, "checkpoint_config", {})
+            trained = config_value(saved, "DATA.RESIZE")
+            resize = (None if trained == "none" else trained) if trained is not None else RESIZED_DATASETS.get(
+                str(config_value(saved, "DATA.DATASET")).lower())
         sizes = [resize] if isinstance(resize, int) else list(resize) if isinstance(resize, (tuple, list)) else []
         well_formed = len(sizes) == (1 if isinstance(resize, int) else 2) and all(
             isinstance(v, int) and not isinstance(v, bool) and v >= CROP for v in sizes)
@@ -244,7 +265,7 @@ class Scorer:
         if compile:  # freezing: the weights become constants, which lets inductor prepack them for oneDNN
             options = {"freezing": True} if self.device.type == "cpu" else None
             self._forward = torch.compile(self.model, fullgraph=True, options=options)
-        self._graphs: dict[int, _CudaGraph] = {}
+        self._graph: _CudaGraph | None = None
         self._mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
 
@@ -256,18 +277,23 @@ class Scorer:
     def _run(self, batch: Tensor) -> Tensor:
         """Scores of a batch of crops already on the device."""
         n = batch.shape[0]
-        if self.compiled:  # one compiled shape: pad to batch_size
-            return self._scores(F.pad(batch, (0, 0, 0, 0, 0, 0, 0, self.batch_size - n)))[:n]
-        if self.cuda_graphs:
-            if n not in self._graphs:
+        if not (self.compiled or self.cuda_graphs):
+            return self._scores(batch)
+        # one shape: the last batch padded to batch_size (one compile; one graph and its memory pool)
+        padded = F.pad(batch, (0, 0, 0, 0, 0, 0, 0, self.batch_size - n))
+        if self.compiled:
+            return self._scores(padded)[:n]
+        with torch.cuda.device(self.device):
+            if self._graph is None:
                 try:
-                    self._graphs[n] = _CudaGraph(self._scores, batch)
-                except RuntimeError as exc:
-                    warnings.warn(f"lifeiqa_fast.Scorer: CUDA graph capture failed ({exc}); running eagerly")
+                    self._graph = _CudaGraph(self._scores, padded)
+                except GraphCaptureError as exc:
+                    warnings.warn(f"lifeiqa_fast.Scorer: the model cannot run as a CUDA graph, running it eagerly "
+                                  f"(impl={self.model.impl!r}: the reference ops, which impl='auto' runs on GPUs "
+                                  f"until the kernels are validated there, synchronise with the host): {exc}")
                     self.cuda_graphs = False
                     return self._scores(batch)
-            return self._graphs[n](batch)
-        return self._scores(batch)
+            return self._graph(padded)[:n]
 
     def _crops(self, image, resized: bool) -> Tensor:
         """One image's crops, (n, 3, 224, 224), uint8 or float32 in [0, 1], on the CPU (resized: already
@@ -296,7 +322,8 @@ class Scorer:
             except ImageError as exc:
                 return None, str(exc)
 
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        pool = ThreadPoolExecutor(max_workers=DECODE_THREADS)
+        try:
             pending = deque()
 
             def ready():
@@ -308,16 +335,18 @@ class Scorer:
 
             for image in images:
                 pending.append(pool.submit(decode, image) if isinstance(image, (str, os.PathLike)) else image)
-                if len(pending) > 2 * self.batch_size:
+                if len(pending) > 2 * DECODE_THREADS:
                     yield ready()
             while pending:
                 yield ready()
+        finally:  # on an error or an interrupt, the decodes still queued are dropped, not waited for
+            pool.shutdown(wait=False, cancel_futures=True)
 
     @torch.inference_mode()
     def _score_list(self, images: list) -> tuple[Tensor, list[str | None]]:
         """Mean crop score per image ((N,) float32, NaN for an image that could not be read) and the
         error of each. Crops of consecutive images share batches of exactly batch_size (the last
-        may be smaller); the scores stay on the device until the end (no host sync per batch)."""
+        may be smaller); the scores stay on the device until the end (this adds no host sync per batch)."""
         from tqdm.auto import tqdm
 
         errors: list[str | None] = [None] * len(images)

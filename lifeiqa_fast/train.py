@@ -373,7 +373,7 @@ def train_run(config: TrainConfig, train_records, test_records, run_dir: Path, r
             save_checkpoint(model, checkpoint, optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
                             scaler=scaler.state_dict(), epoch=epoch, max_plcc=best["max_plcc"], history=history,
                             config={"DATA": {"DATASET": config.dataset, "PATCH_NUM": config.patch_num,
-                                             "BATCH_SIZE": config.batch_size},
+                                             "BATCH_SIZE": config.batch_size, "RESIZE": resize or "none"},
                                     "TRAIN": {"EPOCHS": config.epochs, "BASE_LR": config.base_lr}})
             with log.open("a") as f:
                 f.write(json.dumps(history[-1]) + "\n")
@@ -441,7 +441,8 @@ def evaluate_checkpoint(checkpoint, dataset: str, root, split=None, crops="grid"
     from .data import load_split, read_dataset
 
     records = load_split(split, root=root)[1] if split else read_dataset(dataset, root)[:limit]
-    model = load_checkpoint(checkpoint)
-    scorer = Scorer(model, device=device, dtype="fp32", batch_size=batch_size, crops=crops,
-                    resize=RESIZED_DATASETS.get(dataset), progress=True)
+    model = load_checkpoint(checkpoint)  # resized as it was trained (its config), else as the dataset's protocol
+    resize = "auto" if model.checkpoint_config.get("DATA") else RESIZED_DATASETS.get(dataset)
+    scorer = Scorer(model, device=device, dtype="fp32", batch_size=batch_size, crops=crops, resize=resize,
+                    progress=True)
     return {"images": len(records), **_correlations(scorer([r.path for r in records]), records)}

@@ -249,3 +249,9 @@ def test_decoder_folded_weights_follow_parameter_changes():
     torch.testing.assert_close(weight, torch.cat([a.in_proj_weight[D:] for a in attns]))
     for a, b in zip(attns, biases):
         torch.testing.assert_close(b, a.out_proj.bias + a.out_proj.weight @ a.in_proj_bias[2 * D:])
+
+
+def test_save_checkpoint_unwraps_compiled_model(tmp_path):
+    model = tiny(num_experts=2, depth=2)
+    lifeiqa_fast.save_checkpoint(torch.compile(model), tmp_path / "c.pth")
+    assert set(torch.load(tmp_path / "c.pth", weights_only=True)["model"]) == set(model.state_dict())

@@ -225,3 +225,17 @@ def test_compile_fullgraph_and_export():
     for got in (compiled, exported):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert copy.deepcopy(model)(x)[0].shape == (2, 1)
+
+
+def test_optimized_authors_model_pickles():
+    """torch.save of the whole optimised model: its class, made at run time, is rebuilt on loading."""
+    import io
+    model = lifeiqa_fast.optimize(AuthorsModel(num_experts=2, depth=2)).eval()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert type(loaded) is type(model) and isinstance(loaded, AuthorsModel)
+    x = _images(1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    assert lifeiqa_fast.optimize(loaded, impl=None).impl is None  # impl None: the process-wide default

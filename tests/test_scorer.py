@@ -237,3 +237,36 @@ def test_compiled_matches_eager(model):
     images = [photo("astronaut", 224, 224), photo("coffee", 260, 300)]
     eager = Scorer(model, dtype="fp32", batch_size=4)(images)
     assert_same(Scorer(model, dtype="fp32", batch_size=4, compile=True)(images), eager, 1e-4)
+
+
+def test_damaged_png_and_16_bit_pil_image(model, tmp_path):
+    """A PNG with damaged bytes (PIL raises SyntaxError on it) gets NaN like any unreadable file; a
+    16-bit PIL image in memory is scaled to 8 bits as a 16-bit file is."""
+    scorer = Scorer(model, dtype="fp32")
+    Image.fromarray(hwc(photo("coffee", 224, 224))).save(tmp_path / "coffee.png")
+    damaged = bytearray((tmp_path / "coffee.png").read_bytes())
+    damaged[40:45] = b"\xff\x00\xff\x00\xff"
+    (tmp_path / "damaged.png").write_bytes(bytes(damaged))
+    with pytest.warns(UserWarning, match="damaged.png"):
+        assert math.isnan(scorer(tmp_path / "damaged.png")[0])
+    gray = data.camera()[:230, :240]
+    assert_same(scorer(Image.fromarray(gray.astype(np.uint16) * 257)), scorer(gray), 1e-6)
+
+
+def test_resize_auto_follows_the_training(model, tmp_path):
+    path = tmp_path / "koniq-aspect.pth"  # trained on KonIQ with --resize aspect: the short side to 384
+    lifeiqa_fast.save_checkpoint(model, path, config={"DATA": {"DATASET": "koniq", "RESIZE": 384}})
+    assert Scorer(path, dtype="fp32").resize == 384
+    lifeiqa_fast.save_checkpoint(model, path, config={"DATA": {"DATASET": "koniq", "RESIZE": "none"}})
+    assert Scorer(path, dtype="fp32").resize is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_give_the_eager_scores(model):
+    """Replayed graphs (the native kernels capture; batches of 2 and a padded last one) score as eagerly."""
+    images = [photo("astronaut", 224, 224), photo("coffee", 224, 224), photo("chelsea", 224, 224)]
+    eager = Scorer(model, device="cuda", dtype="fp32", batch_size=2, cuda_graphs=False, impl="native")(images)
+    graphed = Scorer(model, device="cuda", dtype="fp32", batch_size=2, impl="native")
+    assert_same(graphed(images), eager, 1e-4)
+    assert graphed.cuda_graphs and graphed._graph is not None  # captured, not fallen back to eager

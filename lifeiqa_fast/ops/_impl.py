@@ -173,7 +173,7 @@ FEW_ROWS = 8
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), the same value to float rounding, faster for a few rows on CPU."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if x.device.type != "cpu" or not 0 < rows <= FEW_ROWS:
+    if x.device.type != "cpu" or not 0 < rows <= FEW_ROWS or weight.shape[-1] != x.shape[-1]:  # F.linear's errors
         return torch.nn.functional.linear(x, weight, bias)
     xt = x.reshape(rows, x.shape[-1]).t()
     yt = torch.mm(weight, xt) if bias is None else torch.addmm(bias.unsqueeze(1), weight, xt)  # (N, rows)

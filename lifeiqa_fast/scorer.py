@@ -289,7 +289,7 @@ class Scorer:
                     self._graph = _CudaGraph(self._scores, padded)
                 except GraphCaptureError as exc:
                     warnings.warn(f"lifeiqa_fast.Scorer: the model cannot run as a CUDA graph, running it eagerly "
-                                  f"(impl={self.model.impl!r}: the reference ops, which impl='auto' runs on GPUs "
+                                  f"(impl={self.model.impl!r}; the reference ops, which impl='auto' runs on GPUs "
                                   f"until the kernels are validated there, synchronise with the host): {exc}")
                     self.cuda_graphs = False
                     return self._scores(batch)

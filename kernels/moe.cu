@@ -50,6 +50,25 @@ static_assert(kTileM * kTileK % kThreads == 0, "every thread loads the same numb
 // Whether logit (va, ia) ranks before (vb, ib) in torch.topk's order: NaN first, then larger values,
 // equal values by lower expert index. A strict total order, so the k-th choice is the first-ranked
 // logit ranked after the (k-1)-th, and no chosen-flags are needed.
+// acc[c] = sum_k a[k] * w[c * K + k] for c < rows (0 for c >= rows), on every lane of the warp: a
+// vector times up to C consecutive weight rows, the lanes striding over k so that each row is read
+// coalesced. Serves the router (x by kRouteChunk experts' rows) and _moe_pair_kernel.
+template <int C, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void warp_dot_rows(const scalar_t* __restrict__ a, const scalar_t* __restrict__ w,
+                                              int64_t K, int rows, acc_t (&acc)[C]) {
+#pragma unroll
+  for (int c = 0; c < C; ++c) acc[c] = acc_t(0);
+  for (int64_t kk = threadIdx.x % 32; kk < K; kk += 32) {
+    const acc_t av = static_cast<acc_t>(a[kk]);
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      if (c < rows) acc[c] += av * static_cast<acc_t>(w[c * K + kk]);
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < C; ++c) acc[c] = warp_sum(acc[c]);
+}
+
 template <typename acc_t>
 __device__ __forceinline__ bool ranks_before(acc_t va, int ia, acc_t vb, int ib) {
   const bool na = std::isnan(va), nb = std::isnan(vb);
@@ -83,20 +102,11 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int e0 = 0; e0 < E; e0 += kRouteChunk) {
     acc_t acc[kRouteChunk];
-#pragma unroll
-    for (int c = 0; c < kRouteChunk; ++c) acc[c] = acc_t(0);
-    for (int d = lane; d < D; d += 32) {
-      const acc_t xv = static_cast<acc_t>(xt[d]);
-#pragma unroll
-      for (int c = 0; c < kRouteChunk; ++c) {
-        if (e0 + c < E) acc[c] += xv * static_cast<acc_t>(router_weight[static_cast<int64_t>(e0 + c) * D + d]);
-      }
-    }
+    warp_dot_rows(xt, router_weight + static_cast<int64_t>(e0) * D, D, E - e0, acc);
 #pragma unroll
     for (int c = 0; c < kRouteChunk; ++c) {
-      const acc_t v = warp_sum(acc[c]);
       if (lane == c && e0 + c < E) {
-        lt[e0 + c] = static_cast<acc_t>(static_cast<scalar_t>(v + static_cast<acc_t>(router_bias[e0 + c])));
+        lt[e0 + c] = static_cast<acc_t>(static_cast<scalar_t>(acc[c] + static_cast<acc_t>(router_bias[e0 + c])));
       }
     }
   }
@@ -280,19 +290,10 @@ __global__ void __launch_bounds__(kThreads)
   const scalar_t* ap = a + (kHidden ? p / top_k : p) * K;
   const scalar_t* wn = w + (e * N + n0) * K;
   acc_t acc[kPairCols];
-#pragma unroll
-  for (int c = 0; c < kPairCols; ++c) acc[c] = acc_t(0);
-  for (int kk = lane; kk < K; kk += 32) {
-    const acc_t av = static_cast<acc_t>(ap[kk]);
-#pragma unroll
-    for (int c = 0; c < kPairCols; ++c) {
-      if (n0 + c < N) acc[c] += av * static_cast<acc_t>(wn[static_cast<int64_t>(c) * K + kk]);
-    }
-  }
+  warp_dot_rows(ap, wn, K, N - n0, acc);
 #pragma unroll
   for (int c = 0; c < kPairCols; ++c) {
-    const acc_t v = warp_sum(acc[c]);
-    if (lane == 0 && n0 + c < N) store_expert<kHidden>(v, p, n0 + c, N, bias + e * N, mask, out);
+    if (lane == 0 && n0 + c < N) store_expert<kHidden>(acc[c], p, n0 + c, N, bias + e * N, mask, out);
   }
 }
 

@@ -127,6 +127,20 @@ def resize_image(pil, chw: Tensor | None, size: tuple[int, int] | int):
     return None, (x.round().clamp(0, 255).to(torch.uint8) if chw.dtype == torch.uint8 else x)
 
 
+def image_tensor(image, resize: tuple[int, int] | int | None = None) -> Tensor:
+    """image (a path, PIL image, numpy array or (3, H, W) tensor) as a (3, H, W) tensor ready to crop:
+    resized to resize (resize_image) if given, then enlarged if under 224 on a side (short side to
+    224, aspect kept). uint8 stays uint8."""
+    pil, chw = _as_chw(image)
+    if resize is not None:
+        pil, chw = resize_image(pil, chw, resize)
+    if chw is None:
+        chw = torch.from_numpy(np.array(pil)).permute(2, 0, 1)  # a copy: PIL's buffer is read-only
+    if min(chw.shape[1:]) < CROP:  # too small to crop
+        chw = resize_image(None, chw, CROP)[1]
+    return chw
+
+
 def crop_corners(height: int, width: int, crops: int | str, seed: int) -> list[tuple[int, int]]:
     """(top, left) of each 224 crop of an image at least 224 on each side.
 
@@ -298,17 +312,10 @@ class Scorer:
     def _crops(self, image, resized: bool) -> Tensor:
         """One image's crops, (n, 3, 224, 224), uint8 or float32 in [0, 1], on the CPU (resized: already
         at self.resize)."""
-        pil, chw = _as_chw(image)
-        if self.resize is not None and not resized:
-            pil, chw = resize_image(pil, chw, self.resize)
-        if chw is None:
-            chw = torch.from_numpy(np.array(pil)).permute(2, 0, 1)  # a copy: PIL's buffer is read-only
-        h, w = chw.shape[1:]
-        if min(h, w) < CROP:  # too small to crop: enlarge, short side to 224
-            _, chw = resize_image(None, chw, CROP)
-            h, w = chw.shape[1:]
+        chw = image_tensor(image, None if resized else self.resize)
         if chw.is_floating_point():
             chw = chw.float()
+        h, w = chw.shape[1:]
         return torch.stack([chw[:, t:t + CROP, l:l + CROP] for t, l in crop_corners(h, w, self.crops, self.seed)])
 
     def _prepared(self, images: list) -> Iterator[tuple[Tensor | None, str | None]]:

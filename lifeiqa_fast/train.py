@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .metrics import evaluate as correlations
 from .model import LifeIQA, load_checkpoint, save_checkpoint
-from .scorer import CROP, MEAN, STD, RESIZED_DATASETS, ImageError, Scorer, load_image, resize_image
+from .scorer import CROP, MEAN, STD, RESIZED_DATASETS, ImageError, Scorer, image_tensor
 
 # The authors' configs/swin/<dataset>.yaml; every run: 30 epochs, 2 warm-up, weight decay 0.01, top-2.
 PRESETS = {
@@ -158,6 +158,7 @@ class TrainCrops(Dataset):
 
     def __init__(self, records, patch_num: int, resize: tuple[int, int] | None, cache_bytes: int = 2**30):
         self.records, self.patch_num, self.resize = list(records), patch_num, resize
+        self.mean, self.std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
         self.cache, self.cache_left, self.reported = {}, cache_bytes, set()
 
     def __len__(self) -> int:
@@ -167,12 +168,7 @@ class TrainCrops(Dataset):
         """(3, H, W) uint8, resized, at least 224 on a side."""
         if path in self.cache:
             return self.cache[path]
-        pil = load_image(path)
-        if self.resize:
-            pil = resize_image(pil, None, self.resize)[0]
-        x = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
-        if min(x.shape[1:]) < CROP:
-            x = resize_image(None, x, CROP)[1]
+        x = image_tensor(path, self.resize)
         if x.numel() <= self.cache_left:
             self.cache[path], self.cache_left = x, self.cache_left - x.numel()
         return x
@@ -195,7 +191,7 @@ class TrainCrops(Dataset):
         top = int(torch.randint(0, x.shape[1] - CROP + 1, (), generator=gen))
         left = int(torch.randint(0, x.shape[2] - CROP + 1, (), generator=gen))
         x = x[:, top:top + CROP, left:left + CROP].float() / 255
-        x = (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+        x = (x - self.mean) / self.std
         return x, torch.tensor(record.label, dtype=torch.float32)
 
 

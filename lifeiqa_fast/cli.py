@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
                              ("--epochs", int, "epochs per run"), ("--batch-size", int, "crops per step"),
                              ("--patch-num", int, "crops per training image per epoch"),
                              ("--lr", float, "base learning rate"), ("--num-experts", int, "experts E"),
-                             ("--depth", int, "decoder layers"), ("--backbone", str, "a timm Swin name"),
+                             ("--depth", int, "decoder layers"), ("--backbone", str, "a timm Swin, ResNet or ConvNeXt name"),
                              ("--pretrained", str, "auto (timm's weights), none, or a weights file"),
                              ("--impl", str, "the head's kernels"), ("--amp", str, "auto, fp16, bf16 or none"),
                              ("--test-crops", str, "grid (default) or official (patch-num random crops)"),

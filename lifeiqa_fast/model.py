@@ -255,7 +255,7 @@ def _create_backbone(name: str, pretrained, kwargs: dict) -> nn.Module:
     import timm
 
     if pretrained is True:
-        tag = name if "." in name else f"{name}.ms_in22k_ft_in1k"
+        tag = name if "." in name or not name.startswith("swin") else f"{name}.ms_in22k_ft_in1k"  # the authors'
         return timm.create_model(tag, pretrained=True, **kwargs)
     if pretrained is False or pretrained is None:
         return timm.create_model(name, pretrained=False, **kwargs)
@@ -263,6 +263,25 @@ def _create_backbone(name: str, pretrained, kwargs: dict) -> nn.Module:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"lifeiqa_fast.LifeIQA: pretrained backbone weights not found: {path}")
     return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)
+
+
+def _backbone_stages(m: nn.Module, name: str) -> tuple[list[nn.Module], bool]:
+    """The backbone's four stages, to be run in a chain (stage 3 at stride 16, stage 4 at stride 32), and
+    whether they give NHWC maps; the classifier is removed. Swin (the authors' backbone; their keys: norm
+    and head deleted) gives NHWC maps; ResNet and ConvNeXt (a CNN learns from scratch far faster on a
+    small set: the synthetic preset) give NCHW ones."""
+    if hasattr(m, "patch_embed") and len(getattr(m, "layers", ())) == 4:  # Swin
+        del m.norm
+        del m.head
+        return [nn.Sequential(m.patch_embed, m.layers[0]), m.layers[1], m.layers[2], m.layers[3]], True
+    if all(hasattr(m, a) for a in ("conv1", "bn1", "act1", "maxpool", "layer1", "layer4")):  # ResNet
+        m.reset_classifier(0, "")
+        return [nn.Sequential(m.conv1, m.bn1, m.act1, m.maxpool, m.layer1), m.layer2, m.layer3, m.layer4], False
+    if hasattr(m, "stem") and len(getattr(m, "stages", ())) == 4 and hasattr(m, "head"):  # ConvNeXt
+        m.reset_classifier(0, "")
+        return [nn.Sequential(m.stem, m.stages[0]), m.stages[1], m.stages[2], m.stages[3]], False
+    raise ValueError(f"lifeiqa_fast.LifeIQA: backbone must be a timm Swin transformer, ResNet or ConvNeXt with "
+                     f"4 stages, got {name!r}")
 
 
 class FusedForward:
@@ -280,10 +299,20 @@ class FusedForward:
         for stage in self.backbone_stages:
             x = stage(x)
             feats.append(x)
+        if not getattr(self, "nhwc_stages", True):  # a CNN backbone's NCHW maps
+            return feats[2].permute(0, 2, 3, 1), feats[3].permute(0, 2, 3, 1)
         return feats[2], feats[3]
 
     def forward_head(self, f3: Tensor, f4: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(f3 (B, h3, w3, C3), f4 (B, h4, w4, C4)) NHWC -> (score (B, 1), aux (), z ())."""
+        device_type = f4.device.type
+        if not _is_reference(self.impl) and torch.is_autocast_enabled(device_type):
+            # The fused ops take one dtype for all their inputs, which autocast's per-op casts would mix (a
+            # bf16 memory, an fp32 query): under autocast the head runs in its parameters' dtype, the
+            # backbone (~99% of the FLOP) in the autocast dtype. impl="reference" follows autocast op by op.
+            dtype = self.fc.weight.dtype
+            with torch.autocast(device_type, enabled=False):
+                return self.forward_head(f3.to(dtype), f4.to(dtype))
         B = f4.shape[0]
         if _is_reference(self.impl):  # the authors' order: 1x1 conv over every position, then the mean
             g = self.proj_layer4(f4.permute(0, 3, 1, 2)).flatten(2).mean(dim=2)  # (B, D)
@@ -331,8 +360,9 @@ class LifeIQA(FusedForward, nn.Module):
         num_experts: E; 1 replaces the MoE by a plain GELU MLP (aux = z = 0).
         top_k: experts per token, 1 <= top_k <= num_experts.
         depth: decoder layers L. num_queries: query tokens N. embed_dim: D. num_heads: attention heads.
-        backbone: a timm Swin transformer name (stage 3 and 4 maps feed the head).
-        pretrained: False (random backbone), True (timm's ms_in22k_ft_in1k weights, needs a network)
+        backbone: a timm Swin transformer name (stage 3 and 4 maps feed the head; the authors' backbone),
+            or a timm ResNet or ConvNeXt name (ours: they learn from scratch far faster on small sets).
+        pretrained: False (random backbone), True (timm's weights: ms_in22k_ft_in1k for Swin; needs a network)
             or a path to local backbone weights (a timm, safetensors or torch file).
         impl: implementation of the head ops: "auto", "reference", "native", "triton", or None for
             the process-wide default.
@@ -378,19 +408,15 @@ class LifeIQA(FusedForward, nn.Module):
         self.gamma = nn.Parameter(torch.tensor(0.1))
 
         self.pretrain_model = _create_backbone(backbone, pretrained, self.config["backbone_kwargs"])
-        if not (hasattr(self.pretrain_model, "patch_embed") and len(getattr(self.pretrain_model, "layers", [])) == 4):
-            raise ValueError(f"lifeiqa_fast.LifeIQA: backbone must be a timm Swin transformer with 4 stages, "
-                             f"got {backbone!r}")
-        stage_channels = [info["num_chs"] for info in self.pretrain_model.feature_info]
-        m = self.pretrain_model
-        self.backbone_stages = nn.ModuleList([nn.Sequential(m.patch_embed, m.layers[0]), m.layers[1], m.layers[2],
-                                              m.layers[3]])
-        del m.norm
-        del m.head
+        stages, self.nhwc_stages = _backbone_stages(self.pretrain_model, backbone)
+        self.backbone_stages = nn.ModuleList(stages)
+        if not self.nhwc_stages:  # oneDNN and cuDNN convolutions run faster in NHWC (CPU: ~1.15x)
+            self.pretrain_model.to(memory_format=torch.channels_last)
+        stage_channels = [info["num_chs"] for info in self.pretrain_model.feature_info][-2:]
 
         self.UPP_layer3 = GridPool(7, impl)
-        self.proj_layer3 = nn.Linear(stage_channels[2], embed_dim)
-        self.proj_layer4 = nn.Conv2d(stage_channels[3], embed_dim, kernel_size=1)
+        self.proj_layer3 = nn.Linear(stage_channels[0], embed_dim)
+        self.proj_layer4 = nn.Conv2d(stage_channels[1], embed_dim, kernel_size=1)
         self.bunch_decoder = Decoder(depth, embed_dim, num_heads, num_queries, adjacency == "learnable", impl)
         self.MOE = MLP(embed_dim) if num_experts == 1 else SparseMoE(embed_dim, num_experts, top_k, impl)
         self.norm3 = nn.LayerNorm(embed_dim, eps=1e-5)

@@ -255,3 +255,41 @@ def test_save_checkpoint_unwraps_compiled_model(tmp_path):
     model = tiny(num_experts=2, depth=2)
     lifeiqa_fast.save_checkpoint(torch.compile(model), tmp_path / "c.pth")
     assert set(torch.load(tmp_path / "c.pth", weights_only=True)["model"]) == set(model.state_dict())
+
+
+@pytest.mark.parametrize("backbone", ["resnet10t", "convnext_atto"])
+def test_cnn_backbone(backbone, tmp_path):
+    """A ResNet or ConvNeXt backbone: its stage 3 and 4 maps (timm's own forward_intermediates) reach
+    the head as NHWC; the fused head equals the reference; a checkpoint rebuilds the backbone."""
+    torch.manual_seed(0)
+    model = lifeiqa_fast.LifeIQA(num_experts=2, depth=2, backbone=backbone, impl="reference").eval()
+    x = _images(2)
+    f3, f4 = model.forward_features(x)
+    expected = model.pretrain_model.forward_intermediates(x, indices=2, intermediates_only=True)  # NCHW
+    torch.testing.assert_close((f3, f4), tuple(e.permute(0, 2, 3, 1) for e in expected))
+    assert f3.shape[1:3] == (14, 14) and f4.shape[1:3] == (7, 7)
+    path = tmp_path / "cnn.pth"
+    lifeiqa_fast.save_checkpoint(model, path)
+    fused = lifeiqa_fast.load_checkpoint(path, impl="auto").eval()
+    assert fused.config["backbone"] == backbone
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_backbone():
+    with pytest.raises(ValueError, match="Swin transformer, ResNet or ConvNeXt with 4 stages, got 'vit_tiny_patch16_224'"):
+        lifeiqa_fast.LifeIQA(backbone="vit_tiny_patch16_224")
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_autocast(impl):
+    """Under CPU bf16 autocast (training's --amp bf16) both paths run forward and backward and stay
+    near fp32; the fused head runs in fp32 there (its ops take one dtype), the reference op by op."""
+    model = tiny(num_experts=2, depth=2, impl=impl).eval()
+    x = _images(2)
+    expected = model(x)[0]
+    with torch.autocast("cpu", torch.bfloat16):
+        score, aux, z = model(x)
+    assert score.dtype == (torch.float32 if impl == "auto" else torch.bfloat16)
+    torch.testing.assert_close(score.float(), expected, rtol=0, atol=0.03)
+    (score.float().sum() + 0.01 * aux + 0.001 * z).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.fc.parameters())

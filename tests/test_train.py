@@ -47,6 +47,15 @@ def test_short_run_learns_and_writes_its_files(synthetic, tmp_path):
     assert split.count(",train") == 90 and split.count(",test") == 45
 
 
+def test_bf16_autocast_run_with_a_cnn_backbone(synthetic, tmp_path):
+    """--amp bf16 on CPU (the fused head under autocast) with a ResNet: trains, and scores its test side."""
+    summary = train(_config(synthetic, tmp_path, epochs=1, amp="bf16", backbone="resnet10t", backbone_kwargs={}))
+    last = summary["runs"][0]["last"]
+    assert math.isfinite(last["train_loss"]) and math.isfinite(last["srcc"]) and last["unscored"] == 0
+    saved = torch.load(tmp_path / "synthetic" / "run0" / "checkpoint.pth", weights_only=True)
+    assert saved["config"]["LIFEIQA_FAST"]["backbone"] == "resnet10t"
+
+
 def test_resumed_run_equals_uninterrupted(synthetic, tmp_path, monkeypatch):
     whole = train(_config(synthetic, tmp_path / "whole"))
     calls = {"n": 0}

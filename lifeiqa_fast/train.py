@@ -132,10 +132,7 @@ class TrainConfig:
         unknown = set(overrides) - known
         if unknown:
             raise ValueError(f"lifeiqa_fast.train: unknown settings {sorted(unknown)}")
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        values = {**PRESETS[dataset], **overrides}
-        if "backbone" in overrides and "backbone_kwargs" not in overrides:  # the preset's are for its backbone
-            values["backbone_kwargs"] = {}
+        values = {**PRESETS[dataset], **{k: v for k, v in overrides.items() if v is not None}}
         config = cls(dataset=dataset, root=str(root), **values)
         if config.scheduler not in ("step", "cosine") or config.amp not in ("auto", "fp16", "bf16", "none"):
             raise ValueError(f"lifeiqa_fast.train: scheduler must be step or cosine and amp auto, fp16, bf16 or "

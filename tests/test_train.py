@@ -131,10 +131,6 @@ def test_config_files_and_bad_settings(tmp_path):
                        "TRAIN:\n  BASE_LR: 1.0e-4\n  LR_SCHEDULER:\n    NAME: cosine\n")
     assert read_config_file(authors) == dict(batch_size=64, patch_num=10, num_experts=4, base_lr=1e-4,
                                              scheduler="cosine")
-    # a backbone given without its arguments drops the preset's, which are for the preset's backbone
-    assert TrainConfig.preset("synthetic", "root", backbone="swin_base_patch4_window7_224").backbone_kwargs == {}
-    tiny = TrainConfig.preset("synthetic", "root", **TINY)
-    assert (tiny.backbone, tiny.backbone_kwargs) == (TINY["backbone"], TINY["backbone_kwargs"])
     with pytest.raises(ValueError, match="no preset for dataset 'imagenet'"):
         TrainConfig.preset("imagenet", "root")
     with pytest.raises(ValueError, match=r"unknown settings \['learning_rate'\]"):

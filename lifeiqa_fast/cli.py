@@ -17,6 +17,22 @@ SPAQ, LIVEC, ...), so a random model scores noise. Get weights in one of two way
 Then: lifeiqa-fast score PATH... --checkpoint ckpt.pth"""
 
 
+# `lifeiqa-fast train`'s flags that override a TrainConfig field: (flag, field, type, help).
+TRAIN_OVERRIDES = tuple((flag, field or flag[2:].replace("-", "_"), kind, what) for flag, field, kind, what in (
+    ("--repeats", None, int, "runs on different splits (preset: 10)"),
+    ("--split-seed", None, int, "seed of the first split"), ("--split", None, str, "a split CSV to use"),
+    ("--epochs", None, int, "epochs per run"), ("--batch-size", None, int, "crops per step"),
+    ("--patch-num", None, int, "crops per training image per epoch"),
+    ("--lr", "base_lr", float, "base learning rate"), ("--num-experts", None, int, "experts E"),
+    ("--depth", None, int, "decoder layers"), ("--backbone", None, str, "a timm Swin, ResNet or ConvNeXt name"),
+    ("--pretrained", None, str, "auto (timm's weights), none, or a weights file"),
+    ("--impl", None, str, "the head's kernels"), ("--amp", None, str, "auto, fp16, bf16 or none"),
+    ("--test-crops", None, str, "grid (default) or official (patch-num random crops)"),
+    ("--workers", None, int, "data loading processes"), ("--device", None, str, "cpu, cuda, ..."),
+    ("--seed", None, int, "training seed"), ("--limit", None, int, "use only the first N images"),
+    ("--resize", None, str, "KonIQ/SPAQ: auto (the authors' 512x384), aspect, none")))
+
+
 def _crops(value: str):
     if value == "grid":
         return value
@@ -78,19 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="a JSON or YAML file of settings (ours, or the authors' config layout)")
     train.add_argument("--out", default="runs", help="output folder (default runs/): OUT/DATASET/run<r>/...")
     train.add_argument("--resume", action="store_true", help="continue the runs in OUT from their last checkpoint")
-    for flag, kind, what in (("--repeats", int, "runs on different splits (preset: 10)"),
-                             ("--split-seed", int, "seed of the first split"), ("--split", str, "a split CSV to use"),
-                             ("--epochs", int, "epochs per run"), ("--batch-size", int, "crops per step"),
-                             ("--patch-num", int, "crops per training image per epoch"),
-                             ("--lr", float, "base learning rate"), ("--num-experts", int, "experts E"),
-                             ("--depth", int, "decoder layers"), ("--backbone", str, "a timm Swin, ResNet or ConvNeXt name"),
-                             ("--pretrained", str, "auto (timm's weights), none, or a weights file"),
-                             ("--impl", str, "the head's kernels"), ("--amp", str, "auto, fp16, bf16 or none"),
-                             ("--test-crops", str, "grid (default) or official (patch-num random crops)"),
-                             ("--workers", int, "data loading processes"), ("--device", str, "cpu, cuda, ..."),
-                             ("--seed", int, "training seed"), ("--limit", int, "use only the first N images"),
-                             ("--resize", str, "KonIQ/SPAQ: auto (the authors' 512x384), aspect, none")):
-        train.add_argument(flag, type=kind, help=what)
+    for flag, dest, kind, what in TRAIN_OVERRIDES:
+        train.add_argument(flag, dest=dest, type=kind, help=what)
 
     ev = commands.add_parser("eval", help="SRCC/PLCC/KRCC of a checkpoint on a dataset")
     ev.add_argument("--checkpoint", required=True)
@@ -107,13 +112,9 @@ def _train(args) -> int:
     from .train import TrainConfig, read_config_file, train
 
     settings = read_config_file(args.config) if args.config else {}
-    for key in ("repeats", "split_seed", "split", "epochs", "batch_size", "patch_num", "num_experts", "depth",
-                "backbone", "pretrained", "impl", "amp", "test_crops", "workers", "device", "seed", "limit", "out",
-                "resize"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    if args.lr is not None:
-        settings["base_lr"] = args.lr
+    settings["out"] = args.out
+    settings.update((field, getattr(args, field)) for _, field, _, _ in TRAIN_OVERRIDES
+                    if getattr(args, field) is not None)
     try:
         config = TrainConfig.preset(args.dataset, args.root, **settings)
         summary = train(config, resume=args.resume)

@@ -214,8 +214,8 @@ class EpochShuffle(torch.utils.data.Sampler):
         return self.n // self.world
 
     def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.epoch_seed()))
         seed = self.epoch_seed()
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
         return iter([(int(i), seed) for i in order[: len(self) * self.world][self.rank::self.world]])
 
 
@@ -412,13 +412,15 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         splits = [load_split(config.split, root=config.root)]
     else:
         splits = list(repeated_splits(records, config.repeats, config.split_seed))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
     runs = []
     for run, (train_records, test_records) in enumerate(splits):
         run_dir = out / f"run{run}"
         run_dir.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             save_split(run_dir / "split.csv", train_records, test_records, root=config.root)
-            (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
         runs.append(train_run(config, train_records, test_records, run_dir, run, resume))
     summary = {"config": asdict(config), "runs": [{k: v for k, v in r.items() if k != "history"} for r in runs]}
     # the authors' numbers (their "Max SRCC", "Max PLCC"), then the last epoch's, each a median over runs

@@ -12,14 +12,14 @@ def devices() -> list[str]:
 
 
 def impl_params(op: str) -> list:
-    """pytest params "impl-device" for every implementation of op on every device present.
-
-    Reference always; native and Triton where they can run (on CUDA whether or not validated: these
-    tests are what validates them). An implementation that cannot run here is skipped with its reason.
+    """pytest params "impl-device" for every kernel of op on every device present: native and Triton where
+    they can run (on CUDA whether or not validated: these tests are what validates them). A kernel that
+    cannot run here is skipped with its reason. Not the reference: the tests compare with it (it is
+    checked against the authors' code in test_golden.py and test_optimize.py).
     """
     params = []
     for device in devices():
-        for impl in ("reference", "native", "triton"):
+        for impl in ("native", "triton"):
             why = _why_not(op, impl, device)
             marks = [pytest.mark.cuda] if device == "cuda" else []
             if why is not None:

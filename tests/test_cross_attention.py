@@ -99,7 +99,7 @@ def test_equals_the_module(impl):
                                        mha.out_proj.bias, H), expected)
 
 
-@pytest.mark.parametrize("impl_device", [p for p in impl_params("cross_attention") if "reference" not in p.id])
+@pytest.mark.parametrize("impl_device", impl_params("cross_attention"))
 def test_saved_outputs(impl_device):
     """What the backward reads: q, o rounded to x's dtype, the log-sum-exp and the LayerNorm stats."""
     impl, device = impl_device
@@ -122,7 +122,7 @@ def test_saved_outputs(impl_device):
             torch.testing.assert_close(got, want.to(got.dtype), atol=1e-5, rtol=1e-5, msg=f"{impl} {dtype} {name}")
 
 
-@pytest.mark.parametrize("impl_device", [p for p in impl_params("cross_attention") if "reference" not in p.id])
+@pytest.mark.parametrize("impl_device", impl_params("cross_attention"))
 def test_gradcheck_float64(impl_device):
     impl, device = impl_device
     x, kv_all, params = _inputs((2, 3, 5, 8, 2), torch.float64, device)  # few inputs: the interpreter is slow
@@ -131,7 +131,7 @@ def test_gradcheck_float64(impl_device):
                                     leaves)
 
 
-@pytest.mark.parametrize("impl_device", [p for p in impl_params("cross_attention") if "reference" not in p.id])
+@pytest.mark.parametrize("impl_device", impl_params("cross_attention"))
 def test_opcheck(impl_device):
     impl, device = impl_device
     x, kv_all, params = _inputs((2, 6, 9, 32, 2), torch.float32, device)

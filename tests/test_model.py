@@ -9,6 +9,7 @@ import torch
 import lifeiqa_fast
 
 from helpers import impl_params
+from lifeiqa_fast.ops._impl import choose
 
 # A small Swin (stage maps 14x14x128 and 7x7x256 at 224) so that model tests run in seconds.
 TINY = dict(backbone="swin_tiny_patch4_window7_224",
@@ -46,6 +47,9 @@ def test_forward_is_features_then_head():
     ids=["E1", "E2-k2-d2", "E4-k1", "E8-k2", "learnable-adjacency"],
 )
 def test_fused_model_equals_reference(config, impl="auto", strategy=None):
+    chosen = {op: choose(op, "cpu", impl)[0] for op in ("grid_pool", "gcn", "cross_attention", "moe")}
+    if "reference" in chosen.values():  # then the comparison would be the reference with itself
+        pytest.skip(f"impl={impl!r} runs the reference on this CPU: {chosen} ({choose('gcn', 'cpu', impl)[1]})")
     reference = tiny(impl="reference", **config).eval()
     fused = tiny(impl=impl, **config).eval()
     fused.load_state_dict(reference.state_dict())

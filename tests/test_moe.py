@@ -126,7 +126,7 @@ def test_strategies_agree(dense):
     torch.testing.assert_close(gates.sum(-1), torch.ones(48, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("impl_device", [p for p in impl_params("moe") if "reference" not in p.id])
+@pytest.mark.parametrize("impl_device", impl_params("moe"))
 def test_gradcheck_float64(impl_device):
     impl, device = impl_device
     tensors, k = _inputs((5, 4, 6, 3, 2, "random"), torch.float64, device)

@@ -114,15 +114,30 @@ def test_learning_rate_schedules():
     assert config.base_lr * f(300) == pytest.approx(1e-6)
 
 
+# The parameters of tiny(num_experts=2, depth=2) that the authors' AdamW groups decay, written out: every
+# 2-D and higher weight and the 0-d gamma; not the biases, the norms' weights, in_proj_bias or Swin's
+# relative position bias tables (2-D, but excluded by name).
+DECAYED = {"bunch_embedding", "gamma", "pretrain_model.patch_embed.proj.weight", "proj_layer3.weight",
+           "proj_layer4.weight", "MOE.router.linear.weight", "fc.weight"}
+DECAYED |= {f"pretrain_model.layers.{s}.blocks.0.{w}.weight" for s in range(4)
+            for w in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+DECAYED |= {f"pretrain_model.layers.{s}.downsample.reduction.weight" for s in (1, 2, 3)}
+DECAYED |= {f"bunch_decoder.layers.{i}.{w}" for i in (0, 1)
+            for w in ("multihead_attn.in_proj_weight", "multihead_attn.out_proj.weight", "GCN.gcn1.weight",
+                      "GCN.gcn2.weight", "GCN.gcn3.weight")}
+DECAYED |= {f"MOE.experts.{e}.net.{j}.weight" for e in (0, 1) for j in (0, 3)}
+
+
 def test_weight_decay_groups_are_the_authors():
     model = tiny(num_experts=2, depth=2)
     groups = param_groups(model, 0.01)
     assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
-    decay, plain = (set(map(id, g["params"])) for g in groups)
-    for name, p in model.named_parameters():
-        no_decay = p.dim() == 1 or name.endswith(".bias") or "relative_position_bias_table" in name
-        assert (id(p) in plain) == no_decay, name
-    assert id(model.gamma) in decay and id(model.bunch_embedding) in decay  # 0-d and 3-d: decayed, as theirs
+    names = {id(p): name for name, p in model.named_parameters()}
+    decayed, plain = ({names[id(p)] for p in g["params"]} for g in groups)
+    assert decayed == DECAYED
+    assert plain == set(names.values()) - DECAYED and len(plain) == len(names) - len(DECAYED)
+    assert {"pretrain_model.layers.2.blocks.0.attn.relative_position_bias_table", "norm3.weight",
+            "bunch_decoder.layers.1.multihead_attn.in_proj_bias", "bunch_decoder.layers.0.norm2.weight"} <= plain
 
 
 def test_config_files_and_bad_settings(tmp_path):

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import stat
 import sys
+import tempfile
+from collections.abc import Callable
+from typing import TextIO
 
 NO_CHECKPOINT = """\
 lifeiqa-fast score: --checkpoint is required.
@@ -62,8 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lifeiqa-fast", description="Life-IQA image quality scores, fast.")
     commands = parser.add_subparsers(dest="command", required=True)
     score = commands.add_parser("score", help="score images", description=(
-        "Score image files, folders (searched recursively) and globs. Unreadable files are reported and "
-        "skipped; the exit status is 1 if any were, 0 otherwise."))
+        "Score image files, folders (searched recursively) and globs. Unreadable files (broken links, FIFOs "
+        "and devices too) are reported and skipped; the exit status is 1 if any were, 2 for bad arguments "
+        "(an output file that cannot be written included), 0 otherwise."))
     score.add_argument("paths", nargs="+", metavar="PATH")
     score.add_argument("--checkpoint", help="Life-IQA weights: an official checkpoint or save_checkpoint's file")
     score.add_argument("--crops", type=_crops, default="grid",
@@ -144,6 +150,55 @@ def _eval(args) -> int:
     return 0
 
 
+def _output_problem(path: str) -> str | None:
+    """Why the score command could not write its output to path, or None. Checked before scoring, so
+    that a typo in --json costs no scoring run; _write_output then writes it."""
+    if os.path.isdir(path):
+        return "is a folder"
+    if os.path.exists(path) and not os.path.isfile(path):  # a device or a pipe: written in place
+        return None if os.access(path, os.W_OK) else "is not writable"
+    target = os.path.realpath(path)  # through a link, the file it names is the one written
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        return f"its folder {folder} " + ("is not a folder" if os.path.exists(folder) else "does not exist")
+    if os.path.exists(target) and not os.access(target, os.W_OK):  # a read-only file is not replaced
+        return "is read-only"
+    try:  # a file made and removed: os.access lets root write anywhere, even into /proc
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".lifeiqa-fast-probe-")
+    except OSError as exc:
+        return f"cannot create a file in {folder}: {exc.strerror or exc}"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def _write_output(path: str, write: Callable[[TextIO], None]) -> None:
+    """write(f) to path, atomically: to a temporary file beside it, renamed over it (a failed or
+    interrupted write leaves the old file, or none, never half a file). A device or a pipe (/dev/null,
+    /dev/stdout, bash's >(jq .)) is written in place: it cannot be renamed over, nor should be."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "w", newline="") as f:
+            write(f)
+        return
+    target = os.path.realpath(path)
+    folder, name = os.path.split(target)
+    if os.path.exists(target):  # the replacement keeps the file's permissions
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    else:  # as open() would create it (mkstemp makes 0600)
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            write(f)
+        os.chmod(temporary, mode)
+        os.replace(temporary, target)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
 def _score(args) -> int:
     from . import Scorer
     from .scorer import find_images
@@ -154,6 +209,12 @@ def _score(args) -> int:
     if args.batch_size < 1:
         print(f"lifeiqa-fast score: --batch-size must be positive, got {args.batch_size}", file=sys.stderr)
         return 2
+    outputs = [(option, path) for option, path in (("--json", args.json), ("--csv", args.csv)) if path]
+    for option, path in outputs:
+        why = _output_problem(path)
+        if why:
+            print(f"lifeiqa-fast score: {option} {path}: {why}", file=sys.stderr)
+            return 2
     try:
         files = find_images(args.paths)
     except FileNotFoundError as exc:
@@ -178,14 +239,19 @@ def _score(args) -> int:
     for r in results:
         print(f"{str(r.path):<{width}}  {r.score:8.4f}" if r.error is None else f"{str(r.path):<{width}}  skipped")
     rows = [{"path": str(r.path), "score": r.score, "error": r.error} for r in results]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["path", "score", "error"])
-            writer.writeheader()
-            writer.writerows(rows)
+
+    def write_csv(f):
+        writer = csv.DictWriter(f, fieldnames=["path", "score", "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+    writers = {"--json": lambda f: json.dump(rows, f, indent=1), "--csv": write_csv}
+    for option, path in outputs:
+        try:
+            _write_output(path, writers[option])
+        except OSError as exc:  # checked before scoring; since then the disk filled, the folder went, ...
+            print(f"lifeiqa-fast score: {option} {path}: cannot write: {exc}", file=sys.stderr)
+            return 2
     skipped = [r for r in results if r.error is not None]
     for r in skipped:
         print(r.error, file=sys.stderr)

@@ -5,7 +5,6 @@ everything the authors' way (lifeiqa_fast.reference).
 """
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
 from collections import OrderedDict
@@ -17,7 +16,8 @@ from torch import Tensor, nn
 
 from . import reference
 from .ops import attend_memory, cross_attention, gcn, grid_pool, moe
-from .ops._impl import _check_impl, get_default_impl, linear
+from .ops._impl import _check_impl, get_default_impl, is_int, linear
+from .ops.gcn import MAX_TOKENS
 
 
 def _built_once(owner: nn.Module, params: list[Tensor], build):
@@ -199,7 +199,7 @@ class SparseMoE(nn.Module):
 
     def __init__(self, dim: int, num_experts: int, top_k: int, impl: str | None = None):
         super().__init__()
-        if not 1 <= top_k <= num_experts:
+        if not is_int(top_k) or not 1 <= top_k <= num_experts:
             raise ValueError(f"lifeiqa_fast.LifeIQA: top_k must be in [1, num_experts={num_experts}], got {top_k}")
         self.top_k, self.impl = top_k, impl
         self.router = TopkRouter(dim, num_experts)
@@ -295,13 +295,25 @@ class FusedForward:
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 3:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"lifeiqa_fast.LifeIQA: x must be an image batch of shape (B, 3, H, W), got {shape}")
+        if not x.is_floating_point():
+            raise TypeError(f"lifeiqa_fast.LifeIQA: x must be a floating tensor of ImageNet-normalised images, got "
+                            f"{x.dtype} (lifeiqa_fast.Scorer takes uint8 images and normalises them)")
+        if x.shape[0] == 0:
+            raise ValueError(f"lifeiqa_fast.LifeIQA: x holds no images, got shape {tuple(x.shape)}")
+        size = tuple(x.shape[2:])
         feats = []
         for stage in self.backbone_stages:
             x = stage(x)
             feats.append(x)
+        f3, f4 = feats[2], feats[3]
         if not getattr(self, "nhwc_stages", True):  # a CNN backbone's NCHW maps
-            return feats[2].permute(0, 2, 3, 1), feats[3].permute(0, 2, 3, 1)
-        return feats[2], feats[3]
+            f3, f4 = f3.permute(0, 2, 3, 1), f4.permute(0, 2, 3, 1)
+        grid = self.UPP_layer3.grid
+        if f3.shape[1] < grid or f3.shape[2] < grid:
+            raise ValueError(f"lifeiqa_fast.LifeIQA: images of {size[0]}x{size[1]} pixels give a stage-3 feature map "
+                             f"of {f3.shape[1]}x{f3.shape[2]}, smaller than the {grid}x{grid} grid it is pooled to: "
+                             f"the images must be at least {16 * grid}x{16 * grid} (the authors crop 224x224)")
+        return f3, f4
 
     def forward_head(self, f3: Tensor, f4: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(f3 (B, h3, w3, C3), f4 (B, h4, w4, C4)) NHWC -> (score (B, 1), aux (), z ())."""
@@ -392,9 +404,17 @@ class LifeIQA(FusedForward, nn.Module):
         super().__init__()
         if impl is not None:
             _check_impl(impl)
-        for name, value in (("num_experts", num_experts), ("depth", depth), ("num_queries", num_queries)):
-            if not isinstance(value, int) or value < 1:
+        for name, value in (("num_experts", num_experts), ("top_k", top_k), ("depth", depth),
+                            ("num_queries", num_queries), ("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if not is_int(value) or value < 1:
                 raise ValueError(f"lifeiqa_fast.LifeIQA: {name} must be a positive int, got {value!r}")
+        # num_experts=1 has no router (an MLP): top_k is unused there, and the authors' configs keep their
+        # default 2 beside it
+        if top_k > max(num_experts, 2):
+            raise ValueError(f"lifeiqa_fast.LifeIQA: top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        if num_queries > MAX_TOKENS:
+            raise ValueError(f"lifeiqa_fast.LifeIQA: num_queries must be at most {MAX_TOKENS} (the GCN ops' limit), "
+                             f"got {num_queries}")
         if embed_dim % num_heads or embed_dim % 4:
             raise ValueError(f"lifeiqa_fast.LifeIQA: embed_dim must be divisible by num_heads and 4, "
                              f"got embed_dim={embed_dim}, num_heads={num_heads}")
@@ -424,28 +444,43 @@ class LifeIQA(FusedForward, nn.Module):
         self.fc = nn.Linear(embed_dim, 1)
         self.impl = impl
 
-def _stand_in(name: str):
-    """What an unsafe global of a checkpoint unpickles as: numpy scalars and dtypes (a saved max_plcc)
-    as themselves (data only); anything else, such as the authors' yacs config, as a plain mapping, so
-    none of its code runs."""
-    if name.startswith("numpy."):
-        module, _, attr = name.rpartition(".")
-        return getattr(importlib.import_module(module), attr)
-    return OrderedDict
+def _checkpoint_globals() -> dict[str, object]:
+    """Every global beyond torch's own that a checkpoint file may name, exactly, with what each loads as.
+    The authors' checkpoints hold a numpy float64 (max_plcc, from scipy) and their yacs config: numpy's
+    scalar reconstructor (its module is numpy.core in numpy 1, numpy._core in numpy 2) and numpy.dtype
+    load as themselves, they build data and call nothing else; the yacs CfgNode loads as an OrderedDict,
+    its items and attributes as data, so no yacs code runs. Nothing is allowed by prefix."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    return {"numpy.core.multiarray.scalar": core.multiarray.scalar,
+            "numpy._core.multiarray.scalar": core.multiarray.scalar,
+            "numpy.dtype": np.dtype,
+            "yacs.config.CfgNode": OrderedDict}
 
 
 def _load_weights_only(path, map_location):
-    """torch.load(weights_only=True), the non-tensor objects saved beside the weights read as data."""
+    """torch.load(weights_only=True), and if the file names globals beyond torch's own, again with those
+    of _checkpoint_globals allowed; pickle.UnpicklingError naming every other global it names (a pickle
+    that calls os.system, numpy.savetxt or importlib.import_module is refused, not run)."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        allowed = [(_stand_in(name), name) for name in unsafe]
-        if any(name.startswith("numpy.") for name in unsafe):  # a numpy dtype is rebuilt as its DType class
-            import numpy as np
+        known = _checkpoint_globals()
+        named = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if not named:  # refused for another reason
+            raise
+        refused = [name for name in named if name not in known]
+        if refused:
+            raise pickle.UnpicklingError(
+                f"refused: it names {', '.join(refused)}, beyond the weights, tensors, numpy scalars and yacs "
+                f"config a checkpoint holds; unpickling that could run code") from None
+        import numpy as np
 
-            allowed += [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
-        with torch.serialization.safe_globals(allowed):
+        # numpy.dtype(...) returns an instance of a DType class (np.dtypes.Float64DType, ...), which the
+        # unpickler then sets the state of: those classes too (they only make dtypes)
+        dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+        with torch.serialization.safe_globals([(known[name], name) for name in named] + dtypes):
             return torch.load(path, map_location=map_location, weights_only=True)
 
 
@@ -459,6 +494,32 @@ def _infer_config(state_dict: Mapping[str, Tensor]) -> dict:
                adjacency="learnable" if "bunch_decoder.layers.0.adj" in state_dict else "fixed")
     _, cfg["num_queries"], cfg["embed_dim"] = state_dict["bunch_embedding"].shape
     return cfg
+
+
+# The LifeIQA arguments a checkpoint's own config (save_checkpoint's LIFEIQA_FAST) sets: the model's shape
+# and backbone. Not pretrained, nor a timm argument naming a file or a download: a checkpoint's weights
+# are its state dict, and only the caller's arguments name files.
+_SAVED_ARGUMENTS = ("num_experts", "top_k", "depth", "num_queries", "embed_dim", "num_heads", "backbone",
+                    "backbone_kwargs", "adjacency")
+_WEIGHT_SOURCES = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
+
+
+def _saved_arguments(saved, where: str) -> dict:
+    """The LifeIQA arguments of a checkpoint's LIFEIQA_FAST config, checked: ValueError naming the checkpoint
+    (where) and the key for anything but _SAVED_ARGUMENTS, or a backbone_kwargs key naming weights."""
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"lifeiqa_fast.load_checkpoint: {where}: its config's LIFEIQA_FAST must be a mapping of "
+                         f"LifeIQA arguments, got {type(saved).__name__}")
+    unknown = [key for key in saved if key not in _SAVED_ARGUMENTS]
+    kwargs = saved.get("backbone_kwargs") or {}
+    sources = [key for key in kwargs if key in _WEIGHT_SOURCES] if isinstance(kwargs, Mapping) else []
+    if unknown or sources:
+        raise ValueError(
+            f"lifeiqa_fast.load_checkpoint: {where}: its config's LIFEIQA_FAST holds "
+            f"{', '.join(map(repr, unknown + [f'backbone_kwargs.{k}' for k in sources]))}; a checkpoint may set "
+            f"only {', '.join(_SAVED_ARGUMENTS)} (never where weights come from: they are its state dict; pass "
+            f"other LifeIQA arguments to load_checkpoint yourself)")
+    return dict(saved)
 
 
 def config_value(config: Mapping, path: str):
@@ -480,11 +541,12 @@ def load_checkpoint(path_or_dict, map_location="cpu", **overrides) -> LifeIQA:
     weights_only=True. A key mismatch raises an error listing the missing and unexpected keys.
     """
     if isinstance(path_or_dict, Mapping):
-        checkpoint = path_or_dict
+        checkpoint, where = path_or_dict, "the checkpoint given"
     else:
         path = os.fspath(path_or_dict)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"lifeiqa_fast.load_checkpoint: no checkpoint file at {path}")
+        where = f"checkpoint {path}"
         try:
             checkpoint = _load_weights_only(path, map_location)
         except Exception as exc:
@@ -495,9 +557,12 @@ def load_checkpoint(path_or_dict, map_location="cpu", **overrides) -> LifeIQA:
     saved = checkpoint.get("config") if "model" in checkpoint else None
     saved = saved if isinstance(saved, Mapping) else {}
     top_k = config_value(saved, "MODEL.SWIN.TOP_K")
-    ours = config_value(saved, "LIFEIQA_FAST") or {}  # save_checkpoint's: the backbone and the rest
+    ours = _saved_arguments(config_value(saved, "LIFEIQA_FAST") or {}, where)
     config = {**_infer_config(state_dict), **({"top_k": int(top_k)} if top_k else {}), **ours, **overrides}
-    model = LifeIQA(**config)
+    try:
+        model = LifeIQA(**config)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"lifeiqa_fast.load_checkpoint: {where}: LifeIQA({config}): {exc}") from exc
     model.checkpoint_config = saved
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -12,6 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+@torch.compiler.assume_constant_result
+def _bin_edges(n: int, grid: int) -> tuple[int, ...]:
+    """torch.linspace(0, n, grid + 1, dtype=torch.int), the authors' bin edges, as Python ints: computed
+    on the CPU whatever the inputs' device (meta included), and a constant to torch.compile."""
+    return tuple(torch.linspace(0, n, grid + 1, dtype=torch.int, device="cpu").tolist())
+
+
 def grid_pool_ref(x: Tensor, grid: int = 7) -> Tensor:
     """UPP pooling: the mean of x over each of grid x grid bins, bins row-major.
 
@@ -20,8 +27,7 @@ def grid_pool_ref(x: Tensor, grid: int = 7) -> Tensor:
     average pool), 15 -> 0 2 4 6 8 10 12 15 (the last bin three rows tall).
     """
     B, C, H, W = x.shape
-    h_bins = torch.linspace(0, H, grid + 1, dtype=torch.int)
-    w_bins = torch.linspace(0, W, grid + 1, dtype=torch.int)
+    h_bins, w_bins = _bin_edges(H, grid), _bin_edges(W, grid)
     out = []
     for i in range(grid):
         for j in range(grid):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import glob
 import os
+import stat
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +32,13 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".
 # Datasets whose images the authors resize to (H, W) before cropping (torchvision Resize((512, 384))).
 RESIZED_DATASETS = {"koniq": (512, 384), "spaq": (512, 384)}
 DECODE_THREADS = min(4, os.cpu_count() or 1)  # files decoded ahead of the model, 2 per thread at most
+# A float image is in [0, 1]; this much past either end is accepted as rounding (a float resize or
+# colour conversion overshoots by a few ulps), and clipped.
+FLOAT_SLACK = 1e-3
+FLOAT_KIND = "a float image (RGB, not normalised; uint8 holds 0..255)"
+# What a path that is not a regular file is, for the message that reports it (load_image).
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -50,48 +58,142 @@ class FileScore:
 
 
 def find_images(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
-    """The image files that paths, folders (searched recursively for IMAGE_SUFFIXES, sorted) and glob
-    patterns name, in the order given. A file named directly is kept whatever its suffix (reading
-    it tells whether it is an image). A path that does not exist and matches nothing raises
-    FileNotFoundError naming it."""
+    """The image files that paths, folders and glob patterns name, in the order given.
+
+    A path named directly or matched by a glob is kept whatever it is: a file of any suffix, a broken
+    link, a link loop, a FIFO, a device (load_image reports those that are not images; none is opened
+    or followed here). A folder is searched recursively for the entries named with IMAGE_SUFFIXES,
+    sorted, whatever they are (a broken link named like an image is reported, not dropped); other
+    names are not taken for images and left out. A path that does not exist and matches nothing
+    raises FileNotFoundError naming it."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     files = []
     for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            files.append(path)
-        else:
-            matches = sorted(glob.glob(os.fspath(item), recursive=True))
-            if not matches:
-                raise FileNotFoundError(f"lifeiqa_fast: no such file, folder or glob match: {item}")
-            files += find_images(matches)
+        # lexists, not exists: a broken link or a loop is an entry of its folder, and a glob of its
+        # name would match it again and again
+        names = [item] if os.path.lexists(item) else sorted(glob.glob(os.fspath(item), recursive=True))
+        if not names:
+            raise FileNotFoundError(f"lifeiqa_fast: no such file, folder or glob match: {item}")
+        for name in names:
+            path = Path(name)
+            if path.is_dir():  # (rglob does not descend into linked folders, so a loop of them ends)
+                files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+            else:
+                files.append(path)
     return files
 
 
+# The grey PIL modes that PIL's convert("RGB") would clip to 0..255: (scale, what the mode holds).
+GREY_SCALES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535,
+               "I": 65535,  # 32-bit integers: read as 16-bit grey, what 16-bit PNGs and TIFFs open as
+               "F": 1}  # float: [0, 1], as float tensors
+
+
 def _rgb(image: Image.Image) -> Image.Image:
-    """An RGB PIL image: 16-bit and float grey scaled to 8 bits (PIL's convert would clip them)."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+    """An RGB PIL image: 16-bit and 32-bit integer grey scaled from 0..65535 and float grey from [0, 1]
+    to 8 bits (PIL's convert would clip them); values past those ends (only rounding, once
+    _pil_problem has passed) are clipped."""
+    if image.mode in GREY_SCALES:
         grey = np.asarray(image, dtype=np.float32)
-        top = 65535.0 if image.mode != "F" else max(1.0, float(grey.max()))
-        return Image.fromarray(np.clip(grey / top * 255 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+        return Image.fromarray(np.clip(grey / GREY_SCALES[image.mode] * 255 + 0.5, 0, 255).astype(np.uint8)
+                               ).convert("RGB")
     return image.convert("RGB")
 
 
+def _size_problem(h: int, w: int) -> str | None:
+    """Why an image of h x w pixels cannot be scored, or None: it needs a pixel to enlarge to 224."""
+    return f"has no pixels (H x W = {h} x {w})" if h == 0 or w == 0 else None
+
+
+def _range_problem(lo: float, hi: float, kind: str, top: float, slack: float = 0) -> str | None:
+    """Why an image whose values span lo..hi cannot be scored as kind, whose values are in [0, top], or
+    None: they may pass either end by slack. NaN fails (no comparison with it holds)."""
+    if -slack <= lo and hi <= top + slack:
+        return None
+    return f"is {kind}, so its values must be in [0, {top:g}], got min {lo:.6g}, max {hi:.6g}"
+
+
+def _pil_problem(image: Image.Image) -> str | None:
+    """Why a PIL image (in memory or just opened) cannot be scored, or None: no pixels, or values of
+    an integer (I) or float (F) grey mode outside the range _rgb scales from, which would be
+    mis-scaled silently."""
+    why = _size_problem(image.height, image.width)
+    if why is None and image.mode in ("I", "F"):
+        lo, hi = image.getextrema()
+        kind = ("a float (mode F) PIL image" if image.mode == "F"
+                else "a 32-bit integer (mode I) PIL image, read as 16-bit grey")
+        why = _range_problem(float(lo), float(hi), kind, GREY_SCALES[image.mode],
+                             FLOAT_SLACK if image.mode == "F" else 0)
+    return why
+
+
+def _check_image(image, name: str) -> None:
+    """Raises TypeError or ValueError, naming the argument name, unless image is an in-memory image
+    that can be scored as it is: a PIL image; a numpy array (H, W) or (H, W, 3 or 4), a tensor
+    (3, H, W); RGB, uint8 (0..255) or float in [0, 1] (FLOAT_SLACK of rounding allowed): a float
+    image in 0..255 or normalised to [-1, 1] would otherwise be scored silently wrong; at least one
+    pixel. Runs once per image, before any is scored (one pass over a float image for its range)."""
+    if isinstance(image, Image.Image):
+        why = _pil_problem(image)
+    elif isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3) or image.ndim == 3 and image.shape[2] not in (3, 4):
+            raise ValueError(f"lifeiqa_fast: {name}: a numpy image must be (H, W) or (H, W, 3 or 4), got "
+                             f"{image.shape}")
+        floating = np.issubdtype(image.dtype, np.floating)
+        if image.dtype != np.uint8 and not floating:
+            raise ValueError(f"lifeiqa_fast: {name}: an image (tensor or array) must be uint8 or floating point, "
+                             f"got {image.dtype}")
+        why = _size_problem(*image.shape[:2])
+        if why is None and floating:
+            pixels = image if image.ndim == 2 else image[:, :, :3]  # an alpha channel is dropped, unchecked
+            why = _range_problem(float(pixels.min()), float(pixels.max()), FLOAT_KIND, 1, FLOAT_SLACK)
+    elif isinstance(image, Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"lifeiqa_fast: {name}: an image tensor must be (3, H, W), got {tuple(image.shape)}")
+        if image.dtype != torch.uint8 and not image.is_floating_point():
+            raise ValueError(f"lifeiqa_fast: {name}: an image (tensor or array) must be uint8 or floating point, "
+                             f"got {image.dtype}")
+        why = _size_problem(*image.shape[1:])
+        if why is None and image.is_floating_point():
+            lo, hi = torch.aminmax(image.detach())
+            why = _range_problem(lo.item(), hi.item(), FLOAT_KIND, 1, FLOAT_SLACK)
+    else:
+        raise TypeError(f"lifeiqa_fast: {name}: an image must be a path, PIL image, numpy array or tensor, "
+                        f"got {type(image).__name__}")
+    if why is not None:
+        raise ValueError(f"lifeiqa_fast: {name} {why}")
+
+
 def load_image(path: str | os.PathLike):
-    """The file as an RGB PIL image, fully decoded; ImageError naming the file if it cannot be."""
+    """The file as an RGB PIL image, fully decoded; ImageError naming the file and saying why if it
+    cannot be: not a regular file (a broken link, a link loop, a FIFO, a device, ...), not an image,
+    damaged, no pixels, or grey values outside what its mode holds (_pil_problem). Only a regular file
+    is opened: reading a FIFO waits for a writer forever, /dev/zero never ends."""
+    cannot = f"lifeiqa_fast: cannot read {path} as an image"
+    try:
+        mode = os.stat(path).st_mode  # through links: ENOENT for a broken one, ELOOP for a loop
+    except OSError as exc:
+        broken = isinstance(exc, FileNotFoundError) and os.path.islink(path)
+        why = f"a broken symbolic link (to {os.readlink(path)})" if broken else exc.strerror or str(exc)
+        raise ImageError(f"{cannot}: {why}") from exc
+    if not stat.S_ISREG(mode):
+        kind = next((kind for is_kind, kind in FILE_KINDS if is_kind(mode)), "a special file")
+        raise ImageError(f"{cannot}: it is {kind}, not a regular file")
     try:
         with Image.open(path) as image:
-            return _rgb(image)
+            why = _pil_problem(image)
+            if why is None:
+                return _rgb(image)
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, EOFError, ... for damaged files
-        raise ImageError(f"lifeiqa_fast: cannot read {path} as an image: {exc}") from exc
+        raise ImageError(f"{cannot}: {exc}") from exc
+    raise ImageError(f"{cannot}: it {why}")
 
 
 def _as_chw(image) -> tuple[object, Tensor | None]:
-    """(PIL image or None, (3, H, W) tensor or None): exactly one is set. Tensors and arrays: RGB,
-    float in [0, 1] or uint8 in [0, 255]; arrays (H, W) or (H, W, 3 or 4), tensors (3, H, W)."""
+    """(PIL image or None, (3, H, W) tensor or None), exactly one set, of a path or of an in-memory
+    image that _check_image has passed: arrays (H, W) or (H, W, 3 or 4) become (3, H, W) tensors,
+    PIL images RGB."""
     if isinstance(image, (str, os.PathLike)):
         return load_image(image), None
     if isinstance(image, Image.Image):
@@ -99,25 +201,17 @@ def _as_chw(image) -> tuple[object, Tensor | None]:
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
-        if image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise ValueError(f"lifeiqa_fast: a numpy image must be (H, W) or (H, W, 3 or 4), got {image.shape}")
         image = torch.from_numpy(np.ascontiguousarray(image[:, :, :3])).permute(2, 0, 1)
-    if not isinstance(image, Tensor):
-        raise TypeError(f"lifeiqa_fast: an image must be a path, PIL image, numpy array or tensor, "
-                         f"got {type(image).__name__}")
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"lifeiqa_fast: an image tensor must be (3, H, W), got {tuple(image.shape)}")
-    if image.dtype != torch.uint8 and not image.is_floating_point():
-        raise ValueError(f"lifeiqa_fast: an image (tensor or array) must be uint8 or floating point, got "
-                         f"{image.dtype}")
     return None, image.detach().cpu()
 
 
 def resize_image(pil, chw: Tensor | None, size: tuple[int, int] | int):
     """(PIL image or None, (3, H, W) tensor or None), exactly one set, resized to size: (H, W), or an
     int: the short side, the aspect ratio kept. Bilinear with antialiasing (PIL's for PIL images, as
-    the authors' torchvision Resize on PIL images does)."""
+    the authors' torchvision Resize on PIL images does). ValueError for an image with no pixels."""
     h, w = (pil.height, pil.width) if pil is not None else tuple(chw.shape[1:])
+    if h == 0 or w == 0:
+        raise ValueError(f"lifeiqa_fast.resize_image: the image {_size_problem(h, w)}")
     if isinstance(size, int):
         scale = size / min(h, w)
         size = (max(size, round(h * scale)), max(size, round(w * scale)))
@@ -130,8 +224,15 @@ def resize_image(pil, chw: Tensor | None, size: tuple[int, int] | int):
 def image_tensor(image, resize: tuple[int, int] | int | None = None) -> Tensor:
     """image (a path, PIL image, numpy array or (3, H, W) tensor) as a (3, H, W) tensor ready to crop:
     resized to resize (resize_image) if given, then enlarged if under 224 on a side (short side to
-    224, aspect kept). uint8 stays uint8."""
-    pil, chw = _as_chw(image)
+    224, aspect kept). uint8 stays uint8. ImageError for a file that cannot be read, TypeError or
+    ValueError for an in-memory image that cannot be scored (_check_image)."""
+    if not isinstance(image, (str, os.PathLike)):
+        _check_image(image, "image")
+    return _croppable(*_as_chw(image), resize)
+
+
+def _croppable(pil, chw: Tensor | None, resize: tuple[int, int] | int | None) -> Tensor:
+    """image_tensor of an image already through _as_chw (or load_image): exactly one of pil, chw set."""
     if resize is not None:
         pil, chw = resize_image(pil, chw, resize)
     if chw is None:
@@ -230,7 +331,10 @@ class Scorer:
     scorer(images) takes an image tensor batch (B, 3, H, W) or one image (3, H, W) (RGB, float in
     [0, 1] or uint8, not normalised), or a list of tensors, PIL images, numpy arrays (H, W[, 3]) and
     paths, or a path, folder or glob; returns a float32 tensor of one score per image. A file that
-    cannot be read gets NaN and a warning naming it (scorer.score_files says why per file).
+    cannot be read (find_images, load_image) gets NaN and a warning naming it (scorer.score_files
+    says why per file). An in-memory image that cannot be scored as it is (float outside [0, 1], no
+    pixels, a wrong shape or dtype) raises ValueError or TypeError naming it, images[i], before any
+    image is scored: a bug in the caller.
     """
 
     def __init__(self, model: nn.Module | str | os.PathLike, device=None, dtype="auto", batch_size: int = 32,
@@ -309,10 +413,10 @@ class Scorer:
                     return self._scores(batch)
             return self._graph(padded)[:n]
 
-    def _crops(self, image, resized: bool) -> Tensor:
-        """One image's crops, (n, 3, 224, 224), uint8 or float32 in [0, 1], on the CPU (resized: already
-        at self.resize)."""
-        chw = image_tensor(image, None if resized else self.resize)
+    def _crops(self, pil, chw: Tensor | None, resize) -> Tensor:
+        """One image's crops, (n, 3, 224, 224), uint8 or float32 in [0, 1], on the CPU: of the PIL image
+        pil or the (3, H, W) tensor chw (exactly one set, as _as_chw gives), resized to resize first."""
+        chw = _croppable(pil, chw, resize)
         if chw.is_floating_point():
             chw = chw.float()
         h, w = chw.shape[1:]
@@ -335,10 +439,10 @@ class Scorer:
 
             def ready():
                 item = pending.popleft()
-                if not isinstance(item, Future):
-                    return self._crops(item, resized=False), None
-                image, error = item.result()
-                return (None, error) if error else (self._crops(image, resized=True), None)
+                if not isinstance(item, Future):  # an in-memory image, already checked (_check_image)
+                    return self._crops(*_as_chw(item), self.resize), None
+                image, error = item.result()  # decoded to RGB and resized by decode
+                return (None, error) if error else (self._crops(image, None, None), None)
 
             for image in images:
                 pending.append(pool.submit(decode, image) if isinstance(image, (str, os.PathLike)) else image)
@@ -404,12 +508,20 @@ class Scorer:
         if isinstance(images, Tensor) and images.dim() == 4:
             if images.shape[0] == 0:
                 raise ValueError("lifeiqa_fast.Scorer: the image batch is empty")
-            images = list(images)
+            named = [(f"images[{i}]", image) for i, image in enumerate(images)]
         elif isinstance(images, Tensor) or not isinstance(images, (list, tuple)):
-            images = [images]
-        # paths, folders and globs expand to their files (a missing one raises FileNotFoundError)
-        images = [f for image in images for f in (find_images(image) if isinstance(image, (str, os.PathLike))
-                                                  else [image])]
+            named = [("images", images)]
+        else:
+            named = [(f"images[{i}]", image) for i, image in enumerate(images)]
+        # paths, folders and globs expand to their files (a missing one raises FileNotFoundError); the
+        # in-memory images are checked here, all before any is scored
+        images = []
+        for name, image in named:
+            if isinstance(image, (str, os.PathLike)):
+                images += find_images(image)
+            else:
+                _check_image(image, name)
+                images.append(image)
         if not images:
             raise ValueError("lifeiqa_fast.Scorer: no images given")
         scores, errors = self._score_list(list(images))

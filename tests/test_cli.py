@@ -1,9 +1,12 @@
 """The lifeiqa-fast command end to end, on photographs that ship with scikit-image."""
 import csv
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -17,10 +20,10 @@ from test_model import tiny
 data = pytest.importorskip("skimage.data")  # real photographs (pip install scikit-image)
 
 
-def _cli(*args, cwd=None):
+def _cli(*args, cwd=None, timeout=600):
     exe = shutil.which("lifeiqa-fast")
     assert exe is not None, "pip install installs the lifeiqa-fast script (pyproject [project.scripts])"
-    return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd)
+    return subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +99,80 @@ def test_bad_checkpoint(photos):
     bad.write_bytes(b"not a checkpoint")
     result = _cli("score", folder, "--checkpoint", bad)
     assert result.returncode == 2 and "cannot read" in result.stderr and "bad.pth" in result.stderr
+
+
+def test_score_reports_links_fifos_and_devices(photos, tmp_path):
+    """Broken links, link loops, FIFOs and devices, in a folder or named directly, are unreadable files:
+    reported and skipped (exit 1), never followed or opened; the other files are scored."""
+    root, folder, _ = photos
+    special = tmp_path / "special"
+    special.mkdir()
+    shutil.copy(folder / "astronaut.png", special / "astronaut.png")
+    (special / "broken.png").symlink_to(special / "nowhere.png")
+    (special / "loop_a.jpg").symlink_to(special / "loop_b.jpg")
+    (special / "loop_b.jpg").symlink_to(special / "loop_a.jpg")
+    os.mkfifo(special / "fifo.png")  # opened, it would wait for a writer: the timeout below fails the test
+    (tmp_path / "link.png").symlink_to(tmp_path / "missing.png")
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "scores.csv"
+    result = _cli("score", special, tmp_path / "link.png", "/dev/null", "--checkpoint", root / "ckpt.pth",
+                  "--dtype", "fp32", "--device", "cpu", "--csv", out, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "6 of 7 files skipped" in result.stderr, result.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert [r["path"].split("/")[-1] for r in rows] == ["astronaut.png", "broken.png", "fifo.png", "loop_a.jpg",
+                                                        "loop_b.jpg", "link.png", "null"]
+    assert rows[0]["error"] == "" and np.isfinite(float(rows[0]["score"]))
+    for r, why in zip(rows[1:], ["broken symbolic link", "a FIFO", "symbolic links", "symbolic links",
+                                 "broken symbolic link", "a character device"]):
+        assert r["score"] == "" and why in r["error"] and r["path"] in result.stderr, r
+    assert os.listdir(out.parent) == ["scores.csv"]  # written to a temporary file and renamed: none left
+
+
+@pytest.mark.parametrize("option, where, why", [
+    ("--json", "missing/scores.json", "does not exist"),
+    ("--csv", "missing/scores.csv", "does not exist"),
+    ("--json", ".", "is a folder"),
+    ("--csv", "notes.txt/scores.csv", "is not a folder"),
+    ("--json", "/proc/scores.json", "cannot create a file in /proc"),  # not writable, even for root
+    ("--csv", "read-only/scores.csv", "cannot create a file in"),
+], ids=["json-missing-folder", "csv-missing-folder", "json-folder", "csv-under-a-file", "json-unwritable",
+        "csv-read-only-folder"])
+def test_score_checks_the_output_path_before_scoring(photos, tmp_path, option, where, why):
+    root, folder, _ = photos
+    if where.startswith("/proc") and not os.path.isdir("/proc"):
+        pytest.skip("needs Linux's /proc")
+    if where.startswith("read-only"):
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a read-only folder")
+        (tmp_path / "read-only").mkdir(mode=0o500)
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    result = _cli("score", folder / "astronaut.png", "--checkpoint", root / "ckpt.pth", "--device", "cpu",
+                  option, where, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == "" and "scoring" not in result.stderr  # failed before any scoring
+    message = [line for line in result.stderr.splitlines() if line.startswith("lifeiqa-fast score:")]
+    assert len(message) == 1 and message[0].startswith(f"lifeiqa-fast score: {option} {where}: "), result.stderr
+    assert why in message[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_score_writes_into_a_pipe_in_place(photos, tmp_path):
+    """An output that is a pipe (bash's --json >(jq .), /dev/stdout) is written as it is, not replaced by
+    a new file as a regular output file is."""
+    root, folder, _ = photos
+    fifo = tmp_path / "scores.json"
+    os.mkfifo(fifo)
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(text=fifo.read_text()), daemon=True)
+    reader.start()
+    result = _cli("score", folder / "astronaut.png", "--checkpoint", root / "ckpt.pth", "--device", "cpu",
+                  "--json", fifo, timeout=300)
+    reader.join(60)
+    if reader.is_alive():  # the command never opened the pipe: a writer lets the reader end
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert result.returncode == 0, result.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert json.loads(got["text"])[0]["path"].endswith("astronaut.png")
 
 
 def test_info_prints_what_the_module_prints():

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lifeiqa_fast import ops
 from lifeiqa_fast.reference import cross_attention_ref, mha_ref
@@ -140,6 +141,59 @@ def test_opcheck(impl_device):
     torch.library.opcheck(ops.cross_attention_op(impl), (x, kv_all[:, :, 0], *params, 2, 1e-5))
 
 
+def _first_then_second_order(fn, leaves):
+    """The create_graph=True gradients of <dout, fn(leaves)>, and the grad of <v, those>: the second
+    derivatives along random dout and v."""
+    gen = torch.Generator().manual_seed(7)
+    out = fn(*leaves)
+    dout = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+    grads = torch.autograd.grad(out, leaves, dout, create_graph=True)
+    total = sum((g * torch.randn(g.shape, generator=gen, dtype=g.dtype).to(g.device)).sum() for g in grads)
+    return grads, torch.autograd.grad(total, leaves, materialize_grads=True)
+
+
+@pytest.mark.parametrize("impl_device", impl_params("cross_attention"))
+def test_double_backward_raises(impl_device):
+    """The fused backward (C++ on CPU, ATen from saved q, o, lse elsewhere) is not differentiable: with
+    create_graph=True the first-order gradients are still right, a second grad through them raises
+    naming the op and what supports it, instead of returning wrong second derivatives."""
+    impl, device = impl_device
+    x, kv_all, params = _inputs((2, 3, 5, 8, 2), torch.float64, device)
+    leaves = [t.requires_grad_() for t in (x, kv_all, *params)]
+    fn = lambda x, kv_all, *p: ops.cross_attention(x, kv_all[:, :, 1], *p, 2, impl=impl)  # noqa: E731
+    out = fn(*leaves)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout, create_graph=True)
+    for name, g, want in zip(NAMES, grads, _grads(fn(*leaves), leaves, dout)):
+        torch.testing.assert_close(g, want, rtol=0, atol=0, msg=f"first-order d{name} under create_graph")
+    with pytest.raises(RuntimeError, match=r"lifeiqa_fast.cross_attention: double backward .* not supported .*"
+                                           r"impl=\"reference\" under .*SDPBackend.MATH"):
+        torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
+
+
+def test_double_backward_alternatives():
+    """What the error recommends has a right double backward: the reference under the math attention,
+    and attend_memory (composite ATen ops), both equal to mha_ref's in float64."""
+    B, Nq, Nk, D, H = 2, 3, 5, 8, 2
+    gen = torch.Generator().manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    leaves = [t.requires_grad_() for t in (rnd(B, Nq, D), rnd(B, Nk, D), 1 + 0.2 * rnd(D), rnd(D), rnd(3 * D, D),
+                                           rnd(3 * D), rnd(D, D), rnd(D))]
+
+    def via_kv(x, memory, nw, nb, w, b, ow, ob):
+        kv = F.linear(memory, w[D:], b[D:]).view(B, Nk, 2, D)
+        return ops.cross_attention(x, kv, nw, nb, w[:D], b[:D], ow, ob, H, impl="reference")
+
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention has no double backward
+        _, want = _first_then_second_order(lambda *a: mha_ref(*a, H), leaves)
+        _, reference = _first_then_second_order(via_kv, leaves)
+    _, fused = _first_then_second_order(lambda *a: ops.attend_memory(*a, H), leaves)
+    names = ["x", "memory", "norm_weight", "norm_bias", "in_proj_weight", "in_proj_bias", "out_weight", "out_bias"]
+    for name, w, r, f in zip(names, want, reference, fused):
+        torch.testing.assert_close(r, w, rtol=1e-10, atol=1e-10, msg=f"reference: second derivative {name}")
+        torch.testing.assert_close(f, w, rtol=1e-10, atol=1e-10, msg=f"attend_memory: second derivative {name}")
+
+
 def test_compiles_fullgraph():
     x, kv_all, params = _inputs((2, 6, 9, 32, 2), torch.float32, "cpu")
     fn = torch.compile(lambda x, kv: ops.cross_attention(x, kv, *params, 2), fullgraph=True, backend="aot_eager")
@@ -171,17 +225,21 @@ def _bad(**change):
         (_bad(kv=torch.randn(3, 9, 2, 32)), ValueError, r"kv must have shape \(B, Nk, 2, D\) with B=2"),
         (_bad(num_heads=3), ValueError, "num_heads must be an int dividing D=32"),
         (_bad(num_heads=0), ValueError, "num_heads must be an int dividing D=32"),
+        (_bad(num_heads=True), ValueError, "num_heads must be an int dividing D=32 .*, got True"),
+        (_bad(num_heads=2.0), ValueError, r"num_heads must be an int dividing D=32 .*, got 2\.0"),
         (_bad(x=torch.randn(2, 6, 258), kv=torch.randn(2, 9, 2, 258), num_heads=1), ValueError, "at most 128"),
         (_bad(q_weight=torch.randn(32, 16)), ValueError,
          r"q_weight must have shape \(D, D\) = \(32, 32\), got \(32, 16\)"),
         (_bad(out_bias=torch.randn(16)), ValueError, r"out_bias must have shape \(D,\) = \(32,\), got \(16,\)"),
         (_bad(eps=0.0), ValueError, "eps must be a positive number"),
+        (_bad(eps=True), ValueError, "eps must be a positive number, got True"),
         (_bad(norm_weight=torch.randn(32, dtype=torch.float64)), ValueError, "norm_weight must have x's dtype"),
         (_bad(x=torch.ones(2, 6, 32, dtype=torch.int64)), TypeError, "x must be a floating tensor"),
         (_bad(q_bias=[0.0] * 32), TypeError, "q_bias must be a torch.Tensor"),
     ],
     ids=["2-d-x", "too-many-queries", "3-d-kv", "no-keys", "kv-batch", "heads-not-dividing", "zero-heads",
-         "head-dim-too-large", "q-weight-shape", "out-bias-shape", "eps", "dtype-mismatch", "int-x", "list-bias"],
+         "bool-heads", "float-heads", "head-dim-too-large", "q-weight-shape", "out-bias-shape", "eps", "bool-eps",
+         "dtype-mismatch", "int-x", "list-bias"],
 )
 def test_bad_input_errors(call, error, message):
     with pytest.raises(error, match=message):
@@ -226,9 +284,16 @@ def test_attend_memory_equals_the_official_layer(case, dtype):
         (dict(memory=torch.randn(2, 0, 32)), r"memory must have shape \(B, Nk, D\)"),
         (dict(in_proj_weight=torch.randn(32, 32)), r"in_proj_weight must have shape \(3D, D\) = \(96, 32\)"),
         (dict(num_heads=5), "num_heads must be an int dividing D=32, got 5"),
+        (dict(num_heads=True), "num_heads must be an int dividing D=32, got True"),
+        (dict(eps=True), "eps must be a positive number, got True"),
+        (dict(eps=-1e-5), "eps must be a positive number, got -1e-05"),
+        (dict(x=torch.randn(2, 6, 0), memory=torch.randn(2, 9, 0), norm_weight=torch.randn(0),
+              norm_bias=torch.randn(0), in_proj_weight=torch.randn(0, 0), in_proj_bias=torch.randn(0),
+              out_weight=torch.randn(0, 0), out_bias=torch.randn(0), num_heads=1), "dividing D=0, got 1"),
         (dict(out_bias=torch.randn(32, dtype=torch.float64)), "out_bias must have x's dtype and device"),
     ],
-    ids=["memory-D", "no-memory", "in-proj-shape", "heads", "dtype-mismatch"],
+    ids=["memory-D", "no-memory", "in-proj-shape", "heads", "bool-heads", "bool-eps", "negative-eps", "D0",
+         "dtype-mismatch"],
 )
 def test_attend_memory_bad_input_errors(change, message):
     x, kv_all, (nw, nb, qw, qb, ow, ob) = _inputs((2, 6, 9, 32, 2), torch.float32, "cpu")
@@ -237,3 +302,31 @@ def test_attend_memory_bad_input_errors(change, message):
     args.update(change)
     with pytest.raises(ValueError, match=message):
         ops.attend_memory(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attend_memory_large_scores_half(dtype):
+    """in_proj and memory scaled by 30: scores near 1e5, past fp16's 65504, while q, k and the output are
+    finite. The module's attention forms them in fp32 and so must attend_memory (fp16 gave all NaN):
+    finite, and no further from the float64 truth than twice the module's own error in that dtype,
+    forward and backward."""
+    B, Nq, Nk, D, H = 2, 6, 49, 64, 2
+    gen = torch.Generator().manual_seed(0)
+    rnd = lambda *shape, s=1.0: (s * torch.randn(*shape, generator=gen, dtype=torch.float64))  # noqa: E731
+    leaves64 = [rnd(B, Nq, D), rnd(B, Nk, D, s=30.0), 1 + rnd(D, s=0.2), rnd(D, s=0.1), rnd(3 * D, D, s=30 * D**-0.5),
+                rnd(3 * D, s=0.5), rnd(D, D, s=D**-0.5), rnd(D, s=0.1)]
+    leaves = [t.to(dtype).requires_grad_() for t in leaves64]
+    for t in leaves64:
+        t.requires_grad_()
+    out, ref, truth = (fn(*args, H) for fn, args in ((ops.attend_memory, leaves), (mha_ref, leaves),
+                                                     (mha_ref, leaves64)))
+    assert bool(out.isfinite().all()), f"attend_memory {dtype}: {int((~out.isfinite()).sum())} non-finite outputs"
+    scale = truth.abs().max().item()  # outputs near 4e3: the tolerances are relative to that
+    fwd_atol, fwd_rtol, slack = TOLERANCE[dtype]["forward"]
+    assert_matches_reference(out, ref, truth, (fwd_atol * scale, fwd_rtol, slack), f"attend_memory {dtype} forward")
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    names = ["x", "memory", "norm_weight", "norm_bias", "in_proj_weight", "in_proj_bias", "out_weight", "out_bias"]
+    grads = _grads(out, leaves, dout.to(dtype))
+    assert all(bool(g.isfinite().all()) for g in grads), f"attend_memory {dtype}: non-finite gradients"
+    assert_gradients_match(names, grads, _grads(ref, leaves, dout.to(dtype)), _grads(truth, leaves64, dout),
+                           TOLERANCE[dtype]["backward"], f"attend_memory {dtype}")

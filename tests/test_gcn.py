@@ -117,6 +117,47 @@ def test_gradcheck_float64(impl_device, kind):
     assert torch.autograd.gradcheck(fn, tuple(leaves))
 
 
+def _second_order(fn, leaves):
+    """create_graph=True, then a second grad: d/d leaves of <v, d<dout, fn(leaves)>/d leaves>, random dout, v."""
+    gen = torch.Generator().manual_seed(7)
+    out = fn(*leaves)
+    dout = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+    grads = torch.autograd.grad(out, leaves, dout, create_graph=True)
+    total = sum((g * torch.randn(g.shape, generator=gen, dtype=g.dtype).to(g.device)).sum() for g in grads)
+    return torch.autograd.grad(total, leaves, materialize_grads=True)
+
+
+# rtol = atol of second derivatives in float64 against the reference's. The Triton kernel forms the
+# fixed graph's 2 / (N + 1) and 1 / (N + 1) in fp32 even for fp64 inputs (forward off by ~5e-8); a
+# double backward that misses a path is off by O(1).
+DOUBLE_BACKWARD_TOLERANCE = {"native": 1e-10, "triton": 1e-6}
+
+
+@pytest.mark.parametrize("impl_device", impl_params("gcn"))
+@pytest.mark.parametrize("kind", ["fixed", "shared", "per-sample"])
+def test_double_backward_equals_the_reference(impl_device, kind):
+    """The backward is ATen ops, differentiable again: with h1, h2 recomputed from the inputs under
+    create_graph (the kernel's are non-differentiable outputs), every second derivative is the
+    reference's, mixed ones (dw2 through h1 in x) included."""
+    impl, device = impl_device
+    x, adj, weights = _inputs((2, 5, 6, 4, 3, kind), torch.float64, device)
+    leaves = [t.requires_grad_() for t in [x, *weights] + ([adj] if adj is not None else [])]
+
+    N = x.shape[1]
+    fixed = (torch.ones(N, N, dtype=torch.float64) + torch.eye(N, dtype=torch.float64)) / (N + 1)  # exact in fp64
+
+    def op(x, w1, b1, w2, b2, w3, b3, *a):
+        return ops.gcn(x, a[0] if a else None, w1, b1, w2, b2, w3, b3, impl=impl).tanh()  # tanh: curvature after
+
+    def reference(x, w1, b1, w2, b2, w3, b3, *a):
+        return gcn_ref(x, a[0] if a else fixed.to(device), w1, b1, w2, b2, w3, b3).tanh()
+
+    names = ["x", "w1", "b1", "w2", "b2", "w3", "b3", "adj"]
+    for name, got, want in zip(names, _second_order(op, leaves), _second_order(reference, leaves)):
+        tol = DOUBLE_BACKWARD_TOLERANCE[impl]
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=f"{impl} {kind}: second derivative {name}")
+
+
 @pytest.mark.parametrize("impl_device", impl_params("gcn"))
 def test_opcheck(impl_device):
     impl, device = impl_device
@@ -147,14 +188,20 @@ def _bad(**change):
     [
         (_bad(x=torch.randn(6, 32)), ValueError, r"x must have shape \(B, N, D\), got \(6, 32\)"),
         (_bad(x=torch.randn(1, 33, 32)), ValueError, "1 <= N <= 32 tokens, got N=33"),
-        (_bad(w1=torch.randn(16, 32)), ValueError, r"w1 must have shape \(D, H1\) = \(32, 32\), got \(16, 32\)"),
+        (_bad(w1=torch.randn(16, 32)), ValueError, r"w1 must have shape \(D, H1\) = \(32, 16\), got \(16, 32\)"),
+        # H1 read from w1 alone would blame b1 and w2, which agree on H1 = 16
+        (_bad(w1=torch.randn(32, 20)), ValueError, r"w1 must have shape \(D, H1\) = \(32, 16\), got \(32, 20\)"),
+        (_bad(w2=torch.randn(16, 12)), ValueError, r"w2 must have shape \(H1, H2\) = \(16, 8\), got \(16, 12\)"),
+        (_bad(w3=torch.randn(12, 32)), ValueError, r"w3 must have shape \(H2, D\) = \(8, 32\), got \(12, 32\)"),
+        (_bad(b1=torch.randn(20)), ValueError, r"b1 must have shape \(H1,\) = \(16,\), got \(20,\)"),
         (_bad(b3=torch.randn(16)), ValueError, r"b3 must have shape \(D,\) = \(32,\), got \(16,\)"),
         (_bad(adj=torch.rand(5, 5)), ValueError, r"adj must be None or have shape \(N, N\)"),
         (_bad(w3=torch.randn(8, 32, dtype=torch.float64)), ValueError, "w3 must have x's dtype and device"),
         (_bad(x=torch.ones(2, 6, 32, dtype=torch.int64)), TypeError, "x must be a floating tensor"),
         (_bad(b1=[0.0] * 16), TypeError, "b1 must be a torch.Tensor"),
     ],
-    ids=["2-d-x", "too-many-tokens", "w1-shape", "b3-shape", "adj-shape", "dtype-mismatch", "int-x", "list-bias"],
+    ids=["2-d-x", "too-many-tokens", "w1-shape", "w1-columns", "w2-columns", "w3-rows", "b1-shape", "b3-shape",
+         "adj-shape", "dtype-mismatch", "int-x", "list-bias"],
 )
 def test_bad_input_errors(call, error, message):
     with pytest.raises(error, match=message):

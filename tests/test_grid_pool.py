@@ -95,6 +95,52 @@ def test_gradcheck_float64(impl_device):
 
 
 @pytest.mark.parametrize("impl_device", impl_params("grid_pool"))
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_double_backward_equals_the_reference(impl_device, layout):
+    """create_graph=True, then a second grad through the op (squared after it, so the second derivative
+    is not zero): the backward kernel's own adjoint is the forward kernel, so this equals the
+    reference's in float64; and gradgradcheck holds (native)."""
+    impl, device = impl_device
+    x = _input((2, 9, 8, 3, 3), torch.float64, device, layout).requires_grad_()  # bins of 3 and of 2, 3 cells
+
+    def second_order(impl):
+        gen = torch.Generator().manual_seed(7)
+        out = ops.grid_pool(x, 3, layout=layout, impl=impl).square()
+        (dx,) = torch.autograd.grad(out, x, torch.randn(out.shape, generator=gen, dtype=out.dtype).to(device),
+                                    create_graph=True)
+        return torch.autograd.grad(dx, x, torch.randn(dx.shape, generator=gen, dtype=dx.dtype).to(device))[0]
+
+    want = second_order("reference")
+    assert want.abs().max() > 0.1  # the check below is not vacuous
+    torch.testing.assert_close(second_order(impl), want, rtol=1e-12, atol=1e-12)
+    if impl == "native":  # gradgradcheck launches the kernels some hundred times: too slow interpreted
+        small = x.detach()[:1, :4, :3, :2].clone().requires_grad_()
+        assert torch.autograd.gradgradcheck(lambda t: ops.grid_pool(t, 2, layout=layout, impl=impl).square(),
+                                            (small,))
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference", "native", "triton"])
+def test_meta_tensors_give_shapes(impl):
+    """Meta tensors (no values), and the default device set to meta, give (B, grid * grid, C) on meta:
+    the reference reads its bin edges from a CPU tensor; native and Triton run their fake implementations."""
+    if impl in ("native", "triton") and _impl._why_not("grid_pool", impl, "meta") is not None:
+        pytest.skip(_impl._why_not("grid_pool", impl, "meta"))
+    for layout, shape in (("nhwc", (2, 15, 13, 8)), ("nchw", (2, 8, 15, 13))):
+        out = ops.grid_pool(torch.empty(shape, device="meta"), 7, layout=layout, impl=impl)
+        assert out.device.type == "meta" and out.shape == (2, 49, 8), (layout, out)
+    with torch.device("meta"):
+        out = ops.grid_pool(torch.empty(1, 14, 14, 3), 7, impl=impl)
+    assert out.device.type == "meta" and out.shape == (1, 49, 3)
+
+
+def test_reference_compiles_fullgraph():
+    """The reference compiled whole (static shapes): its bin edges are constants to the compiler."""
+    fn = torch.compile(lambda t: ops.grid_pool(t, 7, impl="reference"), fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 15, 13, 4)
+    torch.testing.assert_close(fn(x), grid_pool_ref(x.permute(0, 3, 1, 2), 7))
+
+
+@pytest.mark.parametrize("impl_device", impl_params("grid_pool"))
 def test_opcheck(impl_device):
     impl, device = impl_device
     if impl == "native":
@@ -120,11 +166,16 @@ def test_compiles_fullgraph():
         (lambda: ops.grid_pool(torch.randn(1, 6, 14, 4)), ValueError, "got H=6, W=14, grid=7"),
         (lambda: ops.grid_pool(torch.ones(1, 14, 14, 4, dtype=torch.int32)), TypeError, "floating tensor"),
         (lambda: ops.grid_pool(torch.randn(1, 14, 14, 4), grid=0), ValueError, "grid must be a positive int"),
+        (lambda: ops.grid_pool(torch.randn(1, 14, 14, 4), grid=True), ValueError,
+         "grid must be a positive int, got True"),
+        (lambda: ops.grid_pool(torch.randn(1, 14, 14, 4), grid=7.0), ValueError,
+         r"grid must be a positive int, got 7\.0"),
         (lambda: ops.grid_pool(torch.randn(1, 14, 14, 4), layout="hwc"), ValueError, "layout must be one of"),
         (lambda: ops.grid_pool(torch.randn(1, 14, 14, 4), impl="fast"), ValueError, "impl must be one of"),
         (lambda: ops.grid_pool([[1.0]]), TypeError, "x must be a torch.Tensor"),
     ],
-    ids=["3-d", "nchw-too-small", "nhwc-too-small", "int-dtype", "grid-0", "bad-layout", "bad-impl", "not-a-tensor"],
+    ids=["3-d", "nchw-too-small", "nhwc-too-small", "int-dtype", "grid-0", "grid-bool", "grid-float", "bad-layout",
+         "bad-impl", "not-a-tensor"],
 )
 def test_bad_input_errors(call, error, message):
     with pytest.raises(error, match=message):

@@ -130,15 +130,38 @@ def test_training_mode_runs_and_backpropagates():
 
 
 def test_bad_image_batch():
+    model = tiny()
     with pytest.raises(ValueError, match=r"shape \(B, 3, H, W\), got \(1, 1, 224, 224\)"):
-        tiny()(torch.randn(1, 1, 224, 224))
+        model(torch.randn(1, 1, 224, 224))
+    with pytest.raises(ValueError, match=r"x holds no images, got shape \(0, 3, 224, 224\)"):
+        model(torch.randn(0, 3, 224, 224))
+    with pytest.raises(TypeError, match="floating tensor of ImageNet-normalised images, got torch.uint8"):
+        model(torch.zeros(1, 3, 224, 224, dtype=torch.uint8))
+    cnn = lifeiqa_fast.LifeIQA(backbone="resnet10t", depth=1, num_experts=2)  # any input size (Swin: 224 only)
+    with pytest.raises(ValueError, match=r"images of 64x64 pixels give a stage-3 feature map of 4x4, smaller than "
+                                         r"the 7x7 grid.*at least 112x112"):
+        cnn(torch.randn(1, 3, 64, 64))
 
 
-def test_bad_constructor_arguments():
-    with pytest.raises(ValueError, match="top_k must be in"):
-        tiny(num_experts=2, top_k=3)
-    with pytest.raises(ValueError, match="impl must be one of"):
-        tiny(impl="cuda")
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_experts=2, top_k=3), r"top_k must be in \[1, num_experts=2\], got 3"),
+    (dict(num_experts=1, top_k=5), r"top_k must be in \[1, num_experts=1\], got 5"),
+    (dict(top_k=True), "top_k must be a positive int, got True"),
+    (dict(num_queries=40), "num_queries must be at most 32"),
+    (dict(num_heads=0), "num_heads must be a positive int, got 0"),
+    (dict(embed_dim=384.0), r"embed_dim must be a positive int, got 384\.0"),
+    (dict(embed_dim=64, num_heads=6), "embed_dim must be divisible by num_heads and 4"),
+    (dict(depth=0), "depth must be a positive int, got 0"),
+    (dict(impl="cuda"), "impl must be one of"),
+])
+def test_bad_constructor_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**kwargs)
+
+
+def test_single_expert_keeps_the_authors_default_top_k():
+    """num_experts=1 is an MLP, top_k unused: the authors' configs keep TOP_K: 2 beside it."""
+    assert tiny(num_experts=1, top_k=2).config["top_k"] == 2
 
 
 def _official_checkpoint(model, path):
@@ -147,7 +170,12 @@ def _official_checkpoint(model, path):
     yacs.config = types.ModuleType("yacs.config")
 
     class CfgNode(dict):
-        pass
+        """As yacs's: a dict whose instance attributes (a set among them) pickle beside its items."""
+
+        def __init__(self, **items):
+            super().__init__(**items)
+            self.__dict__.update(__immutable__=True, __deprecated_keys__=set(), __renamed_keys__={},
+                                 __new_allowed__=False)
 
     CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
     yacs.config.CfgNode = CfgNode

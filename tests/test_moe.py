@@ -140,6 +140,24 @@ def test_gradcheck_float64(impl_device):
     assert torch.autograd.gradcheck(fn, leaves)
 
 
+@pytest.mark.parametrize("impl_device", impl_params("moe"))
+def test_double_backward_raises(impl_device):
+    """The fused backward (C++ on CPU, ATen from saved routing and activations elsewhere) is not
+    differentiable: with create_graph=True the first-order gradients are still right, a second grad
+    through them raises naming the op and impl="reference", which supports it."""
+    impl, device = impl_device
+    tensors, k = _inputs((5, 4, 6, 3, 2, "random"), torch.float64, device)
+    leaves = [t.requires_grad_() for t in tensors]
+    dout = torch.randn(5, 4, dtype=torch.float64, device=device)
+    grads = torch.autograd.grad(_loss(*ops.moe(*leaves, k, impl=impl), dout), leaves, create_graph=True)
+    for name, g, want in zip(NAMES, grads, torch.autograd.grad(_loss(*ops.moe(*leaves, k, impl=impl), dout), leaves)):
+        torch.testing.assert_close(g, want, rtol=0, atol=0, msg=f"first-order d{name} under create_graph")
+    with pytest.raises(RuntimeError, match=r"lifeiqa_fast.moe: double backward .* not supported .*impl=\"reference\""):
+        torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
+    out = lambda *args: ops.moe(*args, k, impl="reference")[0]  # noqa: E731  (aux is fp32 in the reference)
+    assert torch.autograd.gradgradcheck(out, tuple(leaves))
+
+
 @pytest.mark.parametrize("dense", [False, True], ids=["grouped", "dense"])
 def test_opcheck(dense):
     tensors, k = _inputs((6, 16, 32, 4, 2, "random"), torch.float32, "cpu")
@@ -167,15 +185,23 @@ def _bad(**change):
         (_bad(x=torch.randn(2, 6, 16)), ValueError, r"x must be a floating \(T, D\) tensor"),
         (_bad(top_k=5), ValueError, r"top_k must be an int in \[1, E=4\], got 5"),
         (_bad(top_k=0), ValueError, r"top_k must be an int in \[1, E=4\], got 0"),
-        (_bad(w1=torch.randn(4, 16, 32)), ValueError, r"w1 must have shape \(E, F, D\) = \(4, 16, 16\)"),
+        (_bad(top_k=True), ValueError, r"top_k must be an int in \[1, E=4\], got True"),
+        (_bad(top_k=2.0), ValueError, r"top_k must be an int in \[1, E=4\], got 2\.0"),
+        (_bad(w1=torch.randn(4, 16, 32)), ValueError, r"w1 must have shape \(E, F, D\) = \(4, 32, 16\)"),
+        # E read from router_weight alone would blame router_bias, which the five expert tensors agree with
+        (_bad(router_weight=torch.randn(5, 16)), ValueError, r"router_weight must have shape \(E, D\) = \(4, 16\)"),
+        (_bad(b1=torch.randn(4, 16)), ValueError, r"b1 must have shape \(E, F\) = \(4, 32\), got \(4, 16\)"),
+        (_bad(x=torch.randn(6, 0)), ValueError, r"x must be a floating \(T, D\) tensor, D >= 1"),
+        (_bad(w1=torch.randn(4, 0, 16), b1=torch.randn(4, 0), w2=torch.randn(4, 16, 0)), ValueError,
+         r"w1 must have shape \(E, F, D\) with F >= 1, got \(4, 0, 16\)"),
         (_bad(w2=torch.randn(4, 32, 16)), ValueError, r"w2 must have shape \(E, D, F\) = \(4, 16, 32\)"),
         (_bad(router_bias=torch.randn(3)), ValueError, r"router_bias must have shape \(E,\) = \(4,\)"),
         (_bad(dropout_mask=torch.ones(6, 1, 32)), ValueError, r"dropout_mask must have shape \(T, top_k, F\)"),
         (_bad(b2=torch.randn(4, 16, dtype=torch.float64)), ValueError, "b2 must have x's dtype and device"),
         (_bad(b1=None), TypeError, "b1 must be a torch.Tensor"),
     ],
-    ids=["3-d-x", "top-k-above-E", "top-k-zero", "w1-shape", "w2-shape", "router-bias", "mask-shape", "dtype",
-         "missing-bias"],
+    ids=["3-d-x", "top-k-above-E", "top-k-zero", "top-k-bool", "top-k-float", "w1-shape", "router-weight-E",
+         "b1-F", "D0", "F0", "w2-shape", "router-bias", "mask-shape", "dtype", "missing-bias"],
 )
 def test_bad_input_errors(call, error, message):
     with pytest.raises(error, match=message):

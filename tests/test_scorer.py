@@ -1,7 +1,11 @@
 """lifeiqa_fast.Scorer: scores are the model's own (mean over 224 crops), whatever the input type,
 batching or crop protocol; bad input fails loudly. Tiny Swin, real photographs (skimage.data).
 dtype="fp32" is explicit wherever numbers are compared: "auto" picks bf16 on CPUs with AVX512-BF16."""
+import contextlib
 import math
+import os
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ from PIL import Image
 
 import lifeiqa_fast
 from lifeiqa_fast import Scorer
-from lifeiqa_fast.scorer import crop_corners
+from lifeiqa_fast.scorer import crop_corners, find_images, image_tensor, resize_image
 
 from test_model import tiny
 
@@ -270,3 +274,148 @@ def test_cuda_graphs_give_the_eager_scores(model):
     graphed = Scorer(model, device="cuda", dtype="fp32", batch_size=2, impl="native")
     assert_same(graphed(images), eager, 1e-4)
     assert graphed.cuda_graphs and graphed._graph is not None  # captured, not fallen back to eager
+
+
+@contextlib.contextmanager
+def fails_if_a_fifo_is_opened(fifo, seconds: float = 60):
+    """Fails the block if something opened fifo for reading: such an open waits for a writer forever.
+    After seconds a writer comes (and goes), so that the waiting thread ends and the test fails rather
+    than hangs."""
+    opened = threading.Event()
+
+    def writer():
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO unless a reader waits
+            opened.set()
+        except OSError:
+            pass
+
+    timer = threading.Timer(seconds, writer)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        writer()  # a reader still waiting now is a failure too
+    assert not opened.is_set(), f"{fifo} was opened: a FIFO must be reported, never read"
+
+
+def special_files(folder):
+    """Entries of folder that are named like images but are not readable regular files, by what they
+    are: a broken link, a link loop (a -> b -> a), a FIFO, a link to a character device."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "broken.png").symlink_to(folder / "nowhere.png")
+    (folder / "loop_a.jpg").symlink_to(folder / "loop_b.jpg")
+    (folder / "loop_b.jpg").symlink_to(folder / "loop_a.jpg")
+    os.mkfifo(folder / "fifo.png")
+    (folder / "null.bmp").symlink_to("/dev/null")
+    return {"broken": folder / "broken.png", "loop": folder / "loop_a.jpg", "fifo": folder / "fifo.png",
+            "device": folder / "null.bmp"}
+
+
+def test_find_images_keeps_special_files_without_following_them(tmp_path):
+    special = special_files(tmp_path / "dir")
+    Image.fromarray(hwc(photo("chelsea", 224, 224))).save(tmp_path / "dir" / "good.png")
+    os.mkfifo(tmp_path / "dir" / "pipe")  # not named like an image: left out, as notes.txt is
+    (tmp_path / "dir" / "notes.txt").write_text("not an image")
+    for path in [*special.values(), "/dev/null"]:  # named directly: kept, for reading to report
+        assert find_images(path) == [Path(path)], path
+        assert find_images(str(path)) == [Path(path)], path
+    assert [p.name for p in find_images(tmp_path / "dir")] == ["broken.png", "fifo.png", "good.png", "loop_a.jpg",
+                                                                "loop_b.jpg", "null.bmp"]
+    assert [p.name for p in find_images(str(tmp_path / "dir" / "*.png"))] == ["broken.png", "fifo.png", "good.png"]
+
+
+def test_special_files_get_nan_and_a_reason(model, tmp_path):
+    special = special_files(tmp_path / "dir")
+    good = photo("chelsea", 224, 224)
+    Image.fromarray(hwc(good)).save(tmp_path / "dir" / "good.png")
+    scorer = Scorer(model, dtype="fp32")
+    reasons = {"broken": "broken symbolic link", "loop": "Too many levels of symbolic links",
+               "fifo": "a FIFO", "device": "a character device"}
+    with fails_if_a_fifo_is_opened(special["fifo"]):
+        results = scorer.score_files([tmp_path / "dir", *special.values(), "/dev/null"])
+        with pytest.warns(UserWarning) as record:
+            scores = scorer([good, special["fifo"], "/dev/null", tmp_path / "dir" / "good.png"])
+    by_name = {r.path.name: r for r in results[:6]}
+    assert list(by_name) == ["broken.png", "fifo.png", "good.png", "loop_a.jpg", "loop_b.jpg", "null.bmp"]
+    assert by_name["good.png"].error is None
+    assert by_name["good.png"].score == pytest.approx(scorer(good).item(), abs=1e-6)
+    assert [r.score is None for r in by_name.values()] == [True, True, False, True, True, True]
+    for kind, path in special.items():  # in the folder and named directly
+        for r in (by_name[path.name], results[6 + list(special).index(kind)]):
+            assert r.score is None and str(path) in r.error and "cannot read" in r.error, r.error
+            assert reasons[kind] in r.error, r.error
+    assert results[-1].score is None and "/dev/null" in results[-1].error and "a character device" in results[-1].error
+    assert math.isnan(scores[1]) and math.isnan(scores[2])
+    assert_same(scores[[0, 3]], scorer(good).repeat(2), 1e-6)
+    messages = " | ".join(str(w.message) for w in record)
+    assert "fifo.png" in messages and "/dev/null" in messages, messages
+
+
+@pytest.mark.parametrize("images, match", [
+    (torch.full((3, 224, 224), 255.0), r"images is a float image .* must be in \[0, 1\], got min 255, max 255"),
+    (torch.linspace(-1, 1, 3 * 224 * 224).view(3, 224, 224), r"must be in \[0, 1\], got min -1, max 1"),
+    (torch.full((2, 3, 224, 224), 0.5).index_fill_(0, torch.tensor([1]), 2.0),  # the batch's second image
+     r"images\[1\] is a float image .* got min 2, max 2"),
+    ([torch.rand(3, 224, 224), np.full((224, 224, 3), 128.0, np.float32)], r"images\[1\] .* got min 128, max 128"),
+    ([torch.full((3, 224, 224), math.nan)], r"images\[0\] .* got min nan, max nan"),
+    (torch.full((3, 224, 224), 1.5, dtype=torch.bfloat16), r"got min 1.5, max 1.5"),
+    (Image.fromarray(np.full((224, 224), 200.0, np.float32)), r"images is a float \(mode F\) PIL image, .* must be "
+                                                              r"in \[0, 1\], got min 200, max 200"),
+    (Image.fromarray(np.full((224, 224), -5, np.int32)), r"mode I\) PIL image, .* must be in \[0, 65535\], got min -5"),
+], ids=["0-255", "-1-1", "batch", "numpy-in-list", "nan", "bf16", "pil-F", "pil-I"])
+def test_out_of_range_images_fail_before_scoring(model, images, match):
+    scorer = Scorer(model, dtype="fp32", batch_size=1)  # a batch per crop: a good first image would run at once
+    calls = []
+    scorer._forward = lambda x: calls.append(x) or scorer.model(x)
+    with pytest.raises(ValueError, match=match):
+        scorer(images)
+    assert not calls  # checked at the boundary: nothing was scored first
+
+
+def test_float_rounding_past_0_and_1_is_accepted(model):
+    x = photo("coffee", 224, 224).float() / 255
+    scorer = Scorer(model, dtype="fp32")
+    nudged = x.clone()
+    nudged[0, 0, 0], nudged[1, 0, 0] = -5e-4, 1 + 5e-4  # what a float resize overshoots by
+    assert_same(scorer(nudged), scorer(nudged.clamp(0, 1)), 1e-4)
+    gray = Image.fromarray(data.camera()[:224, :224].astype(np.float32) / 255)  # mode F in [0, 1]
+    assert_same(scorer(gray), scorer(data.camera()[:224, :224]), 1e-5)
+
+
+@pytest.mark.parametrize("image, size", [
+    (torch.zeros(3, 0, 0), "0 x 0"),
+    (torch.zeros(3, 0, 300, dtype=torch.uint8), "0 x 300"),  # no rows
+    (np.zeros((5, 0, 3), np.uint8), "5 x 0"),  # no columns
+    (np.zeros((0, 0), np.float32), "0 x 0"),
+    (Image.new("RGB", (0, 0)), "0 x 0"),
+    (Image.new("RGB", (300, 0)), "0 x 300"),
+], ids=["tensor", "tensor-no-rows", "array-no-columns", "grey-array", "pil", "pil-no-rows"])
+def test_empty_images_are_named(model, image, size):
+    with pytest.raises(ValueError, match=rf"images has no pixels \(H x W = {size}\)"):
+        Scorer(model, dtype="fp32")(image)
+    with pytest.raises(ValueError, match=rf"image has no pixels \(H x W = {size}\)"):
+        image_tensor(image, resize=(512, 384))
+    with pytest.raises(ValueError, match=r"resize_image: the image has no pixels \(H x W = 0 x 5\)"):
+        resize_image(None, torch.zeros(3, 0, 5), 224)
+
+
+def test_an_empty_image_file_is_reported(model, tmp_path, monkeypatch):
+    """Pillow refuses to open most empty image files itself ("cannot identify"); one that a decoder
+    does open as 0 x 0 is reported like any unreadable file, beside the others' scores."""
+    good = photo("chelsea", 224, 224)
+    Image.fromarray(hwc(good)).save(tmp_path / "good.png")
+    (tmp_path / "empty.png").write_bytes(b"decoded as 0 x 0 below")
+    (tmp_path / "zero.ppm").write_bytes(b"P6\n0 0\n255\n")  # a 0 x 0 PPM header, as Pillow meets it
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda path, *args, **kwargs: Image.new("RGB", (0, 0))
+                        if Path(path).name == "empty.png" else real_open(path, *args, **kwargs))
+    scorer = Scorer(model, dtype="fp32")
+    for resize in (None, (512, 384)):  # decoded, then resized, in the worker threads
+        scorer.resize = resize
+        results = scorer.score_files(tmp_path)
+        assert [r.path.name for r in results] == ["empty.png", "good.png", "zero.ppm"]
+        assert "empty.png" in results[0].error and "has no pixels (H x W = 0 x 0)" in results[0].error
+        assert "zero.ppm" in results[2].error and "cannot read" in results[2].error
+        assert results[1].score == pytest.approx(scorer(good).item(), abs=1e-5)

@@ -79,12 +79,15 @@ def validation(op: str, backend: str) -> dict | None:
 
 
 def _why_not(op: str, impl: str, device_type: str) -> str | None:
-    """None if `impl` can run `op` on this device type, else the reason it cannot."""
+    """None if `impl` can run `op` on this device type, else the reason it cannot. On meta tensors (no
+    values, shapes only) the native and Triton ops run the fake implementations of ops/<op>.py."""
     if impl == "reference":
         return None
     if impl == "native":
         if not _ext.LOADED:
             return f"the compiled extension is not loaded: {_ext.LOAD_ERROR}"
+        if device_type == "meta":
+            return None
         if not _ext.has_kernel(op, device_type):
             built = "CUDA sources were not compiled" if device_type == "cuda" else "no kernel registered"
             return f"_C has no {device_type.upper()} kernel for {op} ({built})"
@@ -94,6 +97,8 @@ def _why_not(op: str, impl: str, device_type: str) -> str | None:
         return why
     if source_hash(op, "triton") is None:
         return f"no Triton kernel of {op} (lifeiqa_fast/triton/{op}.py)"
+    if device_type == "meta":
+        return None
     if device_type == "cpu" and not triton_interpreted():
         return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
     if device_type not in ("cpu", "cuda"):
@@ -145,6 +150,19 @@ def check_tensors(op: str, tensors: dict) -> None:
             raise TypeError(f"lifeiqa_fast.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
 
 
+def is_int(value) -> bool:
+    """A Python int and not a bool: True is an int to Python, but never a head count, grid size or k."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def agreed_size(*sizes: int) -> int:
+    """The size most of `sizes` agree on, the first of them on a tie; -1 (a tensor of the wrong rank)
+    never wins. An inner size read from several tensors, so that a shape error names the one tensor
+    that disagrees: gcn with w1 (32, 20), b1 (16,), w2 (16, 8) gives H1 = 16, and w1 is reported."""
+    known = [s for s in sizes if s >= 0]
+    return max(known, key=known.count) if known else -1
+
+
 def check_like_x(op: str, x: torch.Tensor, tensors: dict, shapes: dict) -> None:
     """A ValueError naming the first of `shapes` (argument name -> (its shape in symbols, the expected
     shape; -1 where a size is already wrong)) whose tensor has another shape, then the first of
@@ -157,6 +175,33 @@ def check_like_x(op: str, x: torch.Tensor, tensors: dict, shapes: dict) -> None:
         if t.dtype != x.dtype or t.device != x.device:
             raise ValueError(f"lifeiqa_fast.{op}: {name} must have x's dtype and device ({x.dtype}, {x.device}), "
                              f"got ({t.dtype}, {t.device})")
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Gradients from a backward that is not differentiable itself, as a node that raises when the
+    gradients are differentiated again (see first_order_only)."""
+
+    @staticmethod
+    def forward(ctx, op, instead, backward, *inputs):
+        ctx.op, ctx.instead = op, instead
+        return backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, *_grads):
+        raise RuntimeError(f"lifeiqa_fast.{ctx.op}: double backward (a gradient of this op's gradient) is not "
+                           f"supported by its fused backward; for higher-order gradients use {ctx.instead}")
+
+
+def first_order_only(op: str, backward, *inputs, instead: str = 'impl="reference"'):
+    """backward(*inputs): the gradients of `op` from a backward that is not differentiable in its inputs
+    (a native kernel, or a formula reading saved outputs marked non-differentiable), so that a second
+    differentiation would be silently wrong. Under create_graph=True (grad mode is on inside the
+    backward) the gradients are still returned, as outputs of a node whose own backward raises a
+    RuntimeError naming op and what to use `instead`: a higher-order gradient through op fails
+    instead of being wrong, while create_graph=True alone still works."""
+    if not torch.is_grad_enabled():
+        return backward(*inputs)
+    return _FirstOrderOnly.apply(op, instead, backward, *inputs)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

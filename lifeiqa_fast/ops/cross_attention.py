@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import _ext
 from ..reference import cross_attention_ref
 from ..triton import cross_attention as _triton
-from ._impl import acc_dtype, check_like_x, check_tensors, linear, resolve
+from ._impl import acc_dtype, check_like_x, check_tensors, first_order_only, is_int, linear, resolve
 
 MAX_QUERIES = 64  # csrc/cross_attention.h, kAttnMaxQueries
 MAX_HEAD_DIM = 128  # csrc/cross_attention.h, kAttnMaxHeadDim
@@ -33,8 +33,10 @@ def cross_attention(x: Tensor, kv: Tensor, norm_weight: Tensor, norm_bias: Tenso
     dimension is contiguous); norm_weight, norm_bias (D,): the LayerNorm; q_weight (D, D), q_bias (D,):
     the q rows of in_proj; out_weight (D, D), out_bias (D,): out_proj. num_heads divides D into heads
     of at most 128 channels. All of x's dtype (float16, bfloat16, float32, float64) and device. Returns
-    (B, Nq, D), differentiable in every tensor. impl: "auto", "reference", "native", "triton", or None
-    for the process-wide default.
+    (B, Nq, D), differentiable in every tensor, once: the fused backward is not differentiable, and a
+    second differentiation through it (create_graph=True, then another grad) raises a RuntimeError
+    (impl="reference" under the math attention backend supports it). impl: "auto", "reference",
+    "native", "triton", or None for the process-wide default.
     """
     _check(x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias, num_heads, eps)
     which = resolve("cross_attention", x, impl)
@@ -42,7 +44,10 @@ def cross_attention(x: Tensor, kv: Tensor, norm_weight: Tensor, norm_bias: Tenso
     if which == "reference":
         return cross_attention_ref(x, kv, *args, num_heads, eps)
     op = cross_attention_op(which)
-    kv = kv if kv.stride(-1) == 1 else kv.contiguous()
+    if kv.stride(-1) != 1:
+        # not .contiguous(): it returns as it is a tensor that counts as contiguous (empty, or D = 1)
+        # whatever its last stride, which the kernels check
+        kv = kv.clone(memory_format=torch.contiguous_format)
     return op(x.contiguous(), kv, *(t.contiguous() for t in args), num_heads, float(eps))[0]
 
 
@@ -56,27 +61,32 @@ def attend_memory(x: Tensor, memory: Tensor, norm_weight: Tensor, norm_bias: Ten
     cancels in the softmax; P_h V_h = (P_h M) W_v,h^T + b_v,h, the rows of P_h summing to 1. So the
     layer costs 4 Nq D^2 + 2 H Nq Nk D multiply-adds per image where the module's costs 2 (Nq + Nk) D^2
     + 2 Nq Nk D (Life-IQA: 4.9 M instead of 16.4 M, 14.5 M of which project the keys and values).
-    Composite ATen ops (batched GEMMs, softmax in fp32 for half types), differentiable by autograd.
+    Composite ATen ops (batched GEMMs; the scores and the softmax in fp32 for half types), differentiable
+    by autograd, to any order.
     x: (B, Nq, D); memory: (B, Nk, D), Nk >= 1; in_proj_weight (3D, D), in_proj_bias (3D,) packed q, k, v;
     out_weight (D, D); out_bias, norm_weight, norm_bias (D,); all of x's dtype and device.
     """
     _check_memory_args(x, memory, norm_weight, norm_bias, in_proj_weight, in_proj_bias, out_weight, out_bias,
-                       num_heads)
+                       num_heads, eps)
     B, Nq, D = x.shape
     Nk, H = memory.shape[1], num_heads
     hd = D // H
+    acc = acc_dtype(x.dtype)
     q = linear(F.layer_norm(x, (D,), norm_weight, norm_bias, eps), in_proj_weight[:D], in_proj_bias[:D])
     w_k, w_v = in_proj_weight[D : 2 * D].view(H, hd, D), in_proj_weight[2 * D :].view(H, hd, D)
-    q_mem = torch.bmm((q * hd**-0.5).view(B * Nq, H, hd).transpose(0, 1), w_k)  # (H, B * Nq, D)
+    # q_mem and the scores in fp32 for half types, as the module's attention forms q . k in fp32: the
+    # scores pass fp16's 65504 where q, k and the output do not (in_proj and memory scaled by 30: scores
+    # near 1e5, |k| near 3500), and inf - inf is NaN in the softmax.
+    q_mem = torch.bmm((q.to(acc) * hd**-0.5).view(B * Nq, H, hd).transpose(0, 1), w_k.to(acc))  # (H, B * Nq, D)
     q_mem = q_mem.view(H, B, Nq, D).transpose(0, 1).reshape(B, H * Nq, D)
-    p = torch.softmax(torch.bmm(q_mem, memory.transpose(1, 2)), dim=-1, dtype=acc_dtype(x.dtype)).to(x.dtype)
+    p = torch.softmax(torch.bmm(q_mem, memory.to(acc).transpose(1, 2)), dim=-1).to(x.dtype)  # (B, H * Nq, Nk)
     pm = torch.bmm(p, memory).view(B, H, Nq, D).transpose(0, 1).reshape(H, B * Nq, D)  # (H, B * Nq, D)
     o = torch.bmm(pm, w_v.transpose(1, 2)).view(H, B, Nq, hd).permute(1, 2, 0, 3).reshape(B, Nq, D)
     return x + linear(o + in_proj_bias[2 * D :], out_weight, out_bias)
 
 
 def _check_memory_args(x, memory, norm_weight, norm_bias, in_proj_weight, in_proj_bias, out_weight, out_bias,
-                       num_heads) -> None:
+                       num_heads, eps) -> None:
     tensors = dict(x=x, memory=memory, norm_weight=norm_weight, norm_bias=norm_bias, in_proj_weight=in_proj_weight,
                    in_proj_bias=in_proj_bias, out_weight=out_weight, out_bias=out_bias)
     check_tensors("attend_memory", tensors)
@@ -84,8 +94,9 @@ def _check_memory_args(x, memory, norm_weight, norm_bias, in_proj_weight, in_pro
         raise ValueError(f"lifeiqa_fast.attend_memory: x must be a floating (B, Nq, D) tensor, got {x.dtype} "
                          f"{tuple(x.shape)}")
     B, Nq, D = x.shape
-    if not isinstance(num_heads, int) or num_heads < 1 or D % num_heads:
+    if D < 1 or not is_int(num_heads) or num_heads < 1 or D % num_heads:
         raise ValueError(f"lifeiqa_fast.attend_memory: num_heads must be an int dividing D={D}, got {num_heads!r}")
+    _check_eps("attend_memory", eps)
     if memory.dim() != 3 or memory.shape[0] != B or memory.shape[1] < 1 or memory.shape[2] != D:
         raise ValueError(f"lifeiqa_fast.attend_memory: memory must have shape (B, Nk, D) with B={B}, Nk >= 1, "
                          f"D={D}, got {tuple(memory.shape)}")
@@ -114,17 +125,21 @@ def _check(x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias
                          f"got Nq={Nq}")
     if not x.is_floating_point():
         raise TypeError(f"lifeiqa_fast.cross_attention: x must be a floating tensor, got {x.dtype}")
-    if D < 1 or not isinstance(num_heads, int) or num_heads < 1 or D % num_heads or D // num_heads > MAX_HEAD_DIM:
+    if D < 1 or not is_int(num_heads) or num_heads < 1 or D % num_heads or D // num_heads > MAX_HEAD_DIM:
         raise ValueError(f"lifeiqa_fast.cross_attention: num_heads must be an int dividing D={D} into heads of "
                          f"at most {MAX_HEAD_DIM} channels, got {num_heads!r}")
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"lifeiqa_fast.cross_attention: eps must be a positive number, got {eps!r}")
+    _check_eps("cross_attention", eps)
     if kv.dim() != 4 or kv.shape[0] != B or kv.shape[1] < 1 or kv.shape[2] != 2 or kv.shape[3] != D:
         raise ValueError(f"lifeiqa_fast.cross_attention: kv must have shape (B, Nk, 2, D) with B={B}, Nk >= 1, "
                          f"D={D}, got {tuple(kv.shape)}")
     vector, matrix = ("(D,)", (D,)), ("(D, D)", (D, D))
     check_like_x("cross_attention", x, tensors, dict(norm_weight=vector, norm_bias=vector, q_weight=matrix,
                                                      q_bias=vector, out_weight=matrix, out_bias=vector))
+
+
+def _check_eps(op: str, eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"lifeiqa_fast.{op}: eps must be a positive number, got {eps!r}")
 
 
 @torch.library.custom_op("lifeiqa_fast::cross_attention_triton", mutates_args=())
@@ -151,16 +166,30 @@ def _setup_context(ctx, inputs, output):
     ctx.num_heads = num_heads
 
 
+# What supports double backward: the reference, with the math attention (the fused CPU and CUDA
+# kernels that scaled_dot_product_attention picks have no double backward either), or attend_memory.
+_DOUBLE_BACKWARD = ('impl="reference" under torch.nn.attention.sdpa_kernel(SDPBackend.MATH), or '
+                    'lifeiqa_fast.ops.attend_memory')
+
+
 def _backward(ctx, grad, *_unused):
+    """The Triton op's backward: _composite_backward, not differentiable again (first_order_only)."""
+    grads = first_order_only("cross_attention", _composite_backward, grad, *ctx.saved_tensors, ctx.num_heads,
+                             instead=_DOUBLE_BACKWARD)
+    return (*grads, None, None)
+
+
+def _composite_backward(grad, x, kv, norm_weight, norm_bias, q_weight, out_weight, q, o, lse, stats, num_heads):
     """Adjoint of out = x + o Wo^T + bo, o_h = P_h V_h, P_h = softmax(q_h K_h^T s), q = xn Wq^T + bq,
     xn = xhat g + b, xhat = (x - mean) rstd; P recomputed from the saved log-sum-exp. With do = dout Wo:
     dV_h = P_h^T do_h, dS_h = P_h * (do_h V_h^T - rowsum(do_h * o_h)) s, dq_h = dS_h K_h, dK_h = dS_h^T q_h,
     dWq = dq^T xn, dxn = dq Wq, dx = dout + rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) with
-    dxhat = dxn g. Composite ATen ops in fp32 (fp64 for fp64), batched over images and heads."""
-    x, kv, norm_weight, norm_bias, q_weight, out_weight, q, o, lse, stats = ctx.saved_tensors
+    dxhat = dxn g. Composite ATen ops in fp32 (fp64 for fp64), batched over images and heads; with the
+    arguments of the native cross_attention_backward, it returns the same 8 gradients. Reading q, o, lse
+    and stats as constants, it is not differentiable again."""
     acc = acc_dtype(x.dtype)
     B, Nq, D = x.shape
-    H = ctx.num_heads
+    H = num_heads
     hd = D // H
     f = lambda t: t.to(acc)  # noqa: E731
     heads = lambda t: f(t).reshape(B, t.shape[1], H, hd).transpose(1, 2)  # noqa: E731  -> (B, H, N, hd)
@@ -183,16 +212,18 @@ def _backward(ctx, grad, *_unused):
     xn = xhat * f(norm_weight) + f(norm_bias)
     grads = (dx, dkv, (dxn * xhat).sum((0, 1)), dxn.sum((0, 1)), flat(dq).T @ flat(xn), dq.sum((0, 1)),
              flat(g).T @ flat(f(o)), g.sum((0, 1)))
-    return (*(d.to(x.dtype) for d in grads), None, None)
+    return tuple(d.to(x.dtype) for d in grads)
 
 
 def _native_backward(ctx, grad, *_unused):
-    """The native op's backward: the C++ kernel on CPU (csrc/cross_attention.cpp), _backward elsewhere."""
+    """The native op's backward: the C++ kernel on CPU (csrc/cross_attention.cpp), _composite_backward
+    elsewhere; neither differentiable again (first_order_only)."""
     x = ctx.saved_tensors[0]
     if x.device.type != "cpu":
         return _backward(ctx, grad)
-    return (*torch.ops.lifeiqa_fast.cross_attention_backward(grad.contiguous(), *ctx.saved_tensors, ctx.num_heads),
-            None, None)
+    grads = first_order_only("cross_attention", torch.ops.lifeiqa_fast.cross_attention_backward, grad.contiguous(),
+                             *ctx.saved_tensors, ctx.num_heads, instead=_DOUBLE_BACKWARD)
+    return (*grads, None, None)
 
 
 def _fake_backward(grad, x, kv, norm_weight, norm_bias, q_weight, out_weight, q, o, lse, stats, num_heads):

@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import _ext
 from ..reference import fixed_adjacency, gcn_ref
 from ..triton import gcn as _triton
-from ._impl import check_like_x, check_tensors, resolve
+from ._impl import agreed_size, check_like_x, check_tensors, resolve
 
 MAX_TOKENS = 32  # the kernels hold one accumulator per token (csrc/gcn.h, kGcnMaxTokens)
 
@@ -26,8 +26,9 @@ def gcn(x: Tensor, adj: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: T
     batch, or (B, N, N) per sample; weights stored (in, out) as in official checkpoints: w1 (D, H1),
     w2 (H1, H2), w3 (H2, D); biases b1 (H1,), b2 (H2,), b3 (D,). All of x's dtype (float16, bfloat16,
     float32, float64; accumulated in float32, float64 in float64) and device. Returns (B, N, D).
-    Differentiable in x, adj and all weights. impl: "auto", "reference", "native", "triton", or None
-    for the process-wide default.
+    Differentiable in x, adj and all weights, twice too (create_graph=True, then another grad: the
+    backward is ATen ops). impl: "auto", "reference", "native", "triton", or None for the process-wide
+    default.
     """
     _check(x, adj, w1, b1, w2, b2, w3, b3)
     which = resolve("gcn", x, impl)
@@ -48,8 +49,10 @@ def _check(x, adj, w1, b1, w2, b2, w3, b3) -> None:
         raise ValueError(f"lifeiqa_fast.gcn: x must have 1 <= N <= {MAX_TOKENS} tokens, got N={N}")
     if not x.is_floating_point():
         raise TypeError(f"lifeiqa_fast.gcn: x must be a floating tensor, got {x.dtype}")
-    H1 = w1.shape[1] if w1.dim() == 2 else -1
-    H2 = w2.shape[1] if w2.dim() == 2 else -1
+    # H1 and H2 as most of the tensors holding them say, so that the error names the one that disagrees
+    size = lambda t, dim, axis: t.shape[axis] if t.dim() == dim else -1  # noqa: E731
+    H1 = agreed_size(size(w1, 2, 1), size(b1, 1, 0), size(w2, 2, 0))
+    H2 = agreed_size(size(w2, 2, 1), size(b2, 1, 0), size(w3, 2, 0))
     if adj is not None and tuple(adj.shape) not in ((N, N), (B, N, N)):
         raise ValueError(f"lifeiqa_fast.gcn: adj must be None or have shape (N, N) = {(N, N)} or (B, N, N) = "
                          f"{(B, N, N)}, got {tuple(adj.shape)}")
@@ -69,18 +72,23 @@ def _fake(x, adj, w1, b1, w2, b2, w3, b3):
     return x.new_empty(B, N, D), x.new_empty(B, N, w1.shape[1]), x.new_empty(B, N, w2.shape[1])
 
 
-def _graph_t(adj: Tensor | None, h: Tensor) -> Tensor:
-    """A^T h over the token axis: h (B, N, C). The fixed graph is symmetric, in closed form."""
+def _graph(adj: Tensor | None, h: Tensor) -> Tensor:
+    """A h over the token axis: h (B, N, C). The fixed graph in closed form."""
     if adj is None:
         return (h + h.sum(dim=1, keepdim=True)) / (h.shape[1] + 1)
-    return adj.transpose(-1, -2) @ h
+    return adj @ h
+
+
+def _graph_t(adj: Tensor | None, h: Tensor) -> Tensor:
+    """A^T h over the token axis: h (B, N, C). The fixed graph is symmetric."""
+    return _graph(None if adj is None else adj.transpose(-1, -2), h)
 
 
 def _setup_context(ctx, inputs, output):
     x, adj, w1, b1, w2, b2, w3, b3 = inputs
     _, h1, h2 = output
     ctx.mark_non_differentiable(h1, h2)
-    ctx.save_for_backward(x, adj, w1, w2, w3, h1, h2)
+    ctx.save_for_backward(x, adj, w1, b1, w2, b2, w3, h1, h2)
     ctx.fixed = adj is None
 
 
@@ -89,10 +97,15 @@ def _backward(ctx, grad, _grad_h1, _grad_h2):
     s1 = x w1. With g3 = A^T dout: dw3 = h2^T g3, db3 = sum dout, dh2 = g3 w3^T; dp2 = dh2 [h2 > 0],
     g2 = A^T dp2, dw2 = h1^T g2, db2 = sum dp2, and so on down; dx = dout + g1 w1^T;
     dA = dout s3^T + dp2 s2^T + dp1 s1^T (summed over the batch for a shared graph). Composite ATen
-    ops: GEMMs over all B * N tokens at once."""
-    x, adj, w1, w2, w3, h1, h2 = ctx.saved_tensors
+    ops: GEMMs over all B * N tokens at once, so differentiable again; under create_graph=True (grad
+    mode on here) h1 and h2 are recomputed from the inputs, the saved ones being non-differentiable
+    outputs of the kernel, so that second derivatives also flow through them."""
+    x, adj, w1, b1, w2, b2, w3, h1, h2 = ctx.saved_tensors
     adj = None if ctx.fixed else adj
-    flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (B, N, C) -> (B * N, C)
+    if torch.is_grad_enabled():
+        h1 = torch.relu(_graph(adj, x @ w1) + b1)  # (B, N, H1)
+        h2 = torch.relu(_graph(adj, h1 @ w2) + b2)  # (B, N, H2)
+    flat = lambda t: t.flatten(0, 1)  # noqa: E731  (B, N, C) -> (B * N, C); reshape(-1, C) fails for B = C = 0
     g3 = _graph_t(adj, grad)
     dp2 = (g3 @ w3.T) * (h2 > 0)
     g2 = _graph_t(adj, dp2)

@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import _ext
 from ..reference import grid_pool_ref
 from ..triton import grid_pool as _triton
-from ._impl import resolve
+from ._impl import is_int, resolve
 
 _LAYOUTS = ("nhwc", "nchw")
 
@@ -25,6 +25,8 @@ def grid_pool(x: Tensor, grid: int = 7, layout: str = "nhwc", impl: str | None =
     (B, C, H, W) for layout="nchw"; H >= grid, W >= grid; float16, bfloat16, float32 or float64
     (accumulated in float32, float64 in float64); any strides. Returns (B, grid * grid, C),
     contiguous, x's dtype. Bin edges per axis are torch.linspace(0, H, grid + 1, dtype=int).
+    Differentiable to any order (the backward is linear in the gradient, its adjoint the pooling).
+    A meta tensor gives a meta result of the right shape, with every impl.
     impl: "auto", "reference", "native", "triton", or None for the process-wide default.
     """
     if not isinstance(x, Tensor):
@@ -36,7 +38,7 @@ def grid_pool(x: Tensor, grid: int = 7, layout: str = "nhwc", impl: str | None =
         raise ValueError(f"lifeiqa_fast.grid_pool: x must have shape {shape}, got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"lifeiqa_fast.grid_pool: x must be a floating tensor, got {x.dtype}")
-    if not isinstance(grid, int) or grid < 1:
+    if not is_int(grid) or grid < 1:
         raise ValueError(f"lifeiqa_fast.grid_pool: grid must be a positive int, got {grid!r}")
     nhwc = x if layout == "nhwc" else x.permute(0, 2, 3, 1)  # a view: the kernels read any strides
     if nhwc.shape[1] < grid or nhwc.shape[2] < grid:
@@ -77,11 +79,19 @@ def _setup_context(ctx, inputs, output):
     ctx.grid, ctx.height, ctx.width = grid, x.shape[1], x.shape[2]
 
 
-def _register(forward_op, backward_op) -> None:
-    """Fake implementations and the autograd formula of one forward/backward op pair.
+def _setup_context_backward(ctx, inputs, output):
+    _, height, width, grid = inputs
+    ctx.grid = grid
 
-    Adjoint: out[b, bin, c] = sum over the bin's cells of x / count, so
-    dx[b, h, w, c] = grad[b, bin(h, w), c] / count(bin(h, w)), computed by the backward op.
+
+def _register(forward_op, backward_op) -> None:
+    """Fake implementations and the autograd formulas of one forward/backward op pair.
+
+    Adjoint: out = S x with S the pooling, out[b, bin, c] = sum over the bin's cells of x / count, so
+    dx = S^T grad, dx[b, h, w, c] = grad[b, bin(h, w), c] / count(bin(h, w)): the backward op. It is
+    linear in grad, so its own adjoint is S again: d(grad) = S d(dx), the forward op. Registered on
+    the backward op, that makes double backward (and every higher order) exact: create_graph=True
+    then a second grad flows through the two kernels in turn.
     """
     torch.library.register_fake(forward_op)(_fake_forward)
     torch.library.register_fake(backward_op)(_fake_backward)
@@ -89,7 +99,11 @@ def _register(forward_op, backward_op) -> None:
     def backward(ctx, grad):
         return backward_op(grad, ctx.height, ctx.width, ctx.grid), None
 
+    def backward_of_backward(ctx, grad_dx):
+        return forward_op(grad_dx, ctx.grid), None, None, None
+
     torch.library.register_autograd(forward_op, backward, setup_context=_setup_context)
+    torch.library.register_autograd(backward_op, backward_of_backward, setup_context=_setup_context_backward)
 
 
 _register(grid_pool_triton, grid_pool_triton_backward)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import _ext
 from ..reference import moe_ref
-from ._impl import acc_dtype, check_like_x, check_tensors, resolve
+from ._impl import acc_dtype, agreed_size, check_like_x, check_tensors, first_order_only, is_int, resolve
 
 # Tokens up to which "dense" (every expert on every token) runs instead of "grouped" (tokens grouped
 # by expert, each expert on its own rows), per device type. CPU: grouped always; dense does E / k
@@ -23,16 +23,18 @@ DENSE_MAX_TOKENS = {"cpu": 0}
 
 def moe(x: Tensor, router_weight: Tensor, router_bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
         top_k: int, dropout_mask: Tensor | None = None, impl: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k routed mixture of experts on tokens x (T, D) -> (out (T, D), aux (), z ()).
+    """Top-k routed mixture of experts on tokens x (T, D), D >= 1 -> (out (T, D), aux (), z ()).
 
     router_weight (E, D), router_bias (E,); the experts stacked as nn.Linear stores them: w1 (E, F, D),
-    b1 (E, F), w2 (E, D, F), b2 (E, D). Each token's top_k largest logits (torch.topk's order and
+    b1 (E, F), w2 (E, D, F), b2 (E, D), F >= 1. Each token's top_k largest logits (torch.topk's order and
     ties) are softmaxed into its gates; expert e computes relu(x W1[e]^T + b1[e]) W2[e]^T + b2[e];
     out = sum of gate * expert output over the chosen experts. aux = E * sum_e mean_t(gate of e) *
     mean_t(count of e) (the count detached), z = mean_t logsumexp(logits_t)^2, both 0-d, fp32 (fp64
     for fp64). dropout_mask: None, or (T, top_k, F) of x's dtype multiplied into the hidden layer of
     each chosen expert (training: bernoulli(1 - p) / (1 - p)). All tensors of x's dtype and device.
-    Differentiable in x and every weight; aux's gradient flows only through the gates.
+    Differentiable in x and every weight, once (the fused backward is not differentiable: a second
+    differentiation through it raises a RuntimeError; impl="reference" supports it); aux's gradient
+    flows only through the gates.
     """
     _check(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask)
     which = resolve("moe", x, impl)
@@ -51,13 +53,19 @@ def _check(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask) -
     if dropout_mask is not None:
         tensors["dropout_mask"] = dropout_mask
     check_tensors("moe", tensors)
-    if x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"lifeiqa_fast.moe: x must be a floating (T, D) tensor, got {x.dtype} {tuple(x.shape)}")
+    if x.dim() != 2 or not x.is_floating_point() or x.shape[1] < 1:
+        raise ValueError(f"lifeiqa_fast.moe: x must be a floating (T, D) tensor, D >= 1, got {x.dtype} "
+                         f"{tuple(x.shape)}")
     T, D = x.shape
-    E = router_weight.shape[0] if router_weight.dim() == 2 else -1
-    F = w1.shape[1] if w1.dim() == 3 else -1
-    if not isinstance(top_k, int) or not 1 <= top_k <= max(E, 0):
+    # E and F as most of the tensors holding them say, so that the error names the one that disagrees
+    size = lambda t, dim, axis: t.shape[axis] if t.dim() == dim else -1  # noqa: E731
+    E = agreed_size(size(router_weight, 2, 0), size(router_bias, 1, 0), size(w1, 3, 0), size(b1, 2, 0),
+                    size(w2, 3, 0), size(b2, 2, 0))
+    F = agreed_size(size(w1, 3, 1), size(b1, 2, 1), size(w2, 3, 2))
+    if not is_int(top_k) or not 1 <= top_k <= max(E, 0):
         raise ValueError(f"lifeiqa_fast.moe: top_k must be an int in [1, E={E}], got {top_k!r}")
+    if F == 0:  # the kernels' contract (csrc/moe.h), kept for every impl
+        raise ValueError(f"lifeiqa_fast.moe: w1 must have shape (E, F, D) with F >= 1, got {tuple(w1.shape)}")
     shapes = dict(router_weight=("(E, D)", (E, D)), router_bias=("(E,)", (E,)), w1=("(E, F, D)", (E, F, D)),
                   b1=("(E, F)", (E, F)), w2=("(E, D, F)", (E, D, F)), b2=("(E, D)", (E, D)))
     if dropout_mask is not None:
@@ -94,15 +102,17 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, grad_aux, grad_z, *_unused):
     """The adjoint: the C++ kernel on CPU (csrc/moe.cpp, moe_backward, experts grouped on the host),
-    elsewhere _dense_backward (no host synchronisation)."""
+    elsewhere _dense_backward (no host synchronisation). Neither is differentiable again (the kernel, and
+    the routing, hidden layer and expert outputs read as constants): first_order_only."""
     saved = ctx.saved_tensors
     zero = saved[5].new_zeros(())
     grad_aux = zero if grad_aux is None else grad_aux
     grad_z = zero if grad_z is None else grad_z
     if saved[0].device.type == "cpu" and _ext.LOADED:
-        grads = torch.ops.lifeiqa_fast.moe_backward(grad.contiguous(), grad_aux, grad_z, *saved)
+        backward, grad = torch.ops.lifeiqa_fast.moe_backward, grad.contiguous()
     else:
-        grads = _dense_backward(grad, grad_aux, grad_z, *saved)
+        backward = _dense_backward
+    grads = first_order_only("moe", backward, grad, grad_aux, grad_z, *saved)
     return (*grads, None, None, None)
 
 

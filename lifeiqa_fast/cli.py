@@ -99,7 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--root", required=True, help="the dataset's folder, laid out as it ships")
     train.add_argument("--config", help="a JSON or YAML file of settings (ours, or the authors' config layout)")
     train.add_argument("--out", default="runs", help="output folder (default runs/): OUT/DATASET/run<r>/...")
-    train.add_argument("--resume", action="store_true", help="continue the runs in OUT from their last checkpoint")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the runs in OUT/DATASET from their last readable checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete what OUT/DATASET holds, then train (without --resume or --overwrite, a "
+                            "non-empty OUT/DATASET is refused)")
     for flag, dest, kind, what in TRAIN_OVERRIDES:
         train.add_argument(flag, dest=dest, type=kind, help=what)
 
@@ -123,7 +127,7 @@ def _train(args) -> int:
                     if getattr(args, field) is not None)
     try:
         config = TrainConfig.preset(args.dataset, args.root, **settings)
-        summary = train(config, resume=args.resume)
+        summary = train(config, resume=args.resume, overwrite=args.overwrite)
     except (OSError, ValueError) as exc:
         print(f"lifeiqa-fast train: {exc}", file=sys.stderr)
         return 2

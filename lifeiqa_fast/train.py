@@ -21,10 +21,13 @@ run, epoch)); the last epoch's numbers are reported beside the best epoch's.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import random
+import shutil
 import statistics
 import time
 import warnings
@@ -88,6 +91,11 @@ def read_config_file(path) -> dict:
     return data
 
 
+# The int settings and their least value (limit: None, or at least 1).
+POSITIVE_SETTINGS = dict(batch_size=1, patch_num=1, num_experts=1, top_k=1, depth=1, decay_epochs=1, epochs=1,
+                         warmup_epochs=0, repeats=1, split_seed=0, seed=0, workers=0, limit=1)
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on; PRESETS[dataset] fills what is not given."""
@@ -140,6 +148,15 @@ class TrainConfig:
         if config.resize not in ("auto", "aspect", "none") or config.test_crops not in ("grid", "official"):
             raise ValueError(f"lifeiqa_fast.train: resize must be auto, aspect or none and test_crops grid or "
                              f"official, got {config.resize!r}, {config.test_crops!r}")
+        for name, least in POSITIVE_SETTINGS.items():
+            value = getattr(config, name)
+            if (value is not None or name != "limit") and (type(value) is not int or value < least):
+                raise ValueError(f"lifeiqa_fast.train: {name} must be an int >= {least}, got {value!r}")
+        for name in ("base_lr", "warmup_lr", "min_lr", "weight_decay", "clip_grad"):
+            value = getattr(config, name)
+            if type(value) not in (int, float) or not 0 <= value < math.inf or name == "base_lr" and value == 0:
+                raise ValueError(f"lifeiqa_fast.train: {name} must be a finite number >= 0 (base_lr > 0), "
+                                 f"got {value!r}")
         return config
 
     def image_resize(self) -> tuple[int, int] | int | None:
@@ -296,8 +313,10 @@ def _amp_dtype(config: TrainConfig, device: torch.device) -> str:
     return config.amp
 
 
-def train_run(config: TrainConfig, train_records, test_records, run_dir: Path, run: int, resume: bool) -> dict:
-    """One run: train, evaluate every epoch, checkpoint every epoch; returns its history and summary."""
+def train_run(config: TrainConfig, train_records, test_records, run_dir: Path, run: int, resume: bool,
+              run_id: str = "") -> dict:
+    """One run: train, evaluate every epoch, checkpoint every epoch; returns its history and summary.
+    run_id marks the lines this call appends to the run's log.jsonl (a resumed run's are another's)."""
     from tqdm.auto import tqdm
 
     rank, world = _distributed()
@@ -320,21 +339,25 @@ def train_run(config: TrainConfig, train_records, test_records, run_dir: Path, r
     amp = _amp_dtype(config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     history, start = [], 0
-    checkpoint = run_dir / "checkpoint.pth"
-    if resume and checkpoint.is_file():
-        saved = torch.load(checkpoint, map_location=device, weights_only=True)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["lr_scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        history, start = saved["history"], saved["epoch"] + 1
+    checkpoint = run_dir / CHECKPOINT
+    if resume:
+        saved = _resume_from(run_dir, model.config, device)
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["lr_scheduler"])
+            scaler.load_state_dict(saved["scaler"])
+            history, start = saved["history"], saved["epoch"] + 1
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     log = run_dir / "log.jsonl"
     sampler = EpochShuffle(len(dataset), run_seed, rank, world)
     # Workers live as long as the run, keeping the images they decoded (TrainCrops' cache).
+    # Its own generator: a loader draws its workers' base seed when it makes an iterator, from the global
+    # generator if given none, and persistent workers make theirs once per process, so that a resumed
+    # run's first epoch would draw where the uninterrupted run did not, shifting its dropout.
     loader = DataLoader(dataset, config.batch_size, sampler=sampler, num_workers=config.workers,
                         collate_fn=skip_unreadable, drop_last=True, pin_memory=device.type == "cuda",
-                        persistent_workers=config.workers > 0)
+                        persistent_workers=config.workers > 0, generator=torch.Generator().manual_seed(run_seed))
     for epoch in range(start, config.epochs):
         sampler.set_epoch(epoch)
         _seed_everything(sampler.epoch_seed() + rank)  # dropout: the same streams when resumed
@@ -367,14 +390,52 @@ def train_run(config: TrainConfig, train_records, test_records, run_dir: Path, r
                         "seconds": time.perf_counter() - t0, **metrics})
         if rank == 0:
             best = _best(history)
+            if checkpoint.exists():  # the last two epochs' checkpoints are kept: a damaged one has a fallback
+                os.replace(checkpoint, run_dir / PREVIOUS_CHECKPOINT)
             save_checkpoint(model, checkpoint, optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
                             scaler=scaler.state_dict(), epoch=epoch, max_plcc=best["max_plcc"], history=history,
                             config={"DATA": {"DATASET": config.dataset, "PATCH_NUM": config.patch_num,
                                              "BATCH_SIZE": config.batch_size, "RESIZE": resize or "none"},
                                     "TRAIN": {"EPOCHS": config.epochs, "BASE_LR": config.base_lr}})
             with log.open("a") as f:
-                f.write(json.dumps(history[-1]) + "\n")
+                f.write(json.dumps({"run_id": run_id, **history[-1]}) + "\n")
     return {"run": run, "history": history, **_best(history), "last": history[-1] if history else None}
+
+
+CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pth", "checkpoint.prev.pth"
+
+
+def _resume_from(run_dir: Path, model_config: dict, device) -> dict | None:
+    """The newest readable checkpoint of run_dir (CHECKPOINT, else PREVIOUS_CHECKPOINT, saying why with a
+    warning), loaded; None if the run wrote none. ValueError naming each file and its cause if none can
+    be read, or naming the file and the settings if it was written by a model built otherwise."""
+    for stale in run_dir.glob(f"{CHECKPOINT}.tmp*"):  # a write that was killed before its rename
+        stale.unlink()
+    problems = []
+    for path in (run_dir / CHECKPOINT, run_dir / PREVIOUS_CHECKPOINT):
+        if not path.exists():
+            continue
+        try:
+            saved = torch.load(path, map_location=device, weights_only=True)
+            if not isinstance(saved, dict) or not {"model", "optimizer", "history", "epoch"} <= set(saved):
+                raise ValueError("not a checkpoint written by lifeiqa_fast.train")
+        except Exception as exc:  # truncated: PytorchStreamReader's RuntimeError; empty: EOFError; ...
+            cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no details'}"
+            problems.append(f"{path} cannot be read ({cause})")
+            continue
+        theirs = (saved.get("config") or {}).get("LIFEIQA_FAST", {})
+        differ = {k: (theirs.get(k), v) for k, v in model_config.items() if theirs.get(k) != v}
+        if differ:
+            raise ValueError(f"lifeiqa_fast.train: cannot resume from {path}: it holds a model built with other "
+                             f"settings (saved, now): {differ}; resume with the settings of the run, or start "
+                             f"another --out")
+        if problems:
+            warnings.warn(f"lifeiqa_fast.train: {problems[0]}; resuming from {path} (epoch {saved['epoch'] + 1}) "
+                          f"instead", stacklevel=2)
+        return saved
+    if problems:
+        raise ValueError("lifeiqa_fast.train: cannot resume: " + "; ".join(problems))
+    return None
 
 
 def _correlations(scores: torch.Tensor, records) -> dict:
@@ -394,14 +455,66 @@ def _best(history: list[dict]) -> dict:
     return {"best": best, "max_srcc": max_srcc if best else None, "max_plcc": max_plcc}
 
 
-def train(config: TrainConfig, resume: bool = False) -> dict:
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """config.repeats runs (or one on config.split); writes OUT/<dataset>/run<r>/{checkpoint.pth,
-    log.jsonl, split.csv} and OUT/<dataset>/summary.json; returns the summary: per run the best and
-    last epochs' SRCC/PLCC/KRCC, and their medians over runs."""
+    checkpoint.prev.pth, log.jsonl, split.csv} and OUT/<dataset>/summary.json; returns the summary: per
+    run the best and last epochs' SRCC/PLCC/KRCC, and their medians over runs.
+
+    OUT/<dataset> must be empty or absent unless resume (continue its runs from their checkpoints) or
+    overwrite (delete what it holds first); FileExistsError otherwise, so that a finished run is never
+    replaced by mistake. The folder is locked while training: a second train() into it fails at once
+    with BlockingIOError. Each log line carries run_id, this call's id (time and process)."""
+    if resume and overwrite:
+        raise ValueError("lifeiqa_fast.train: resume and overwrite exclude each other")
+    rank, _ = _distributed()
+    out = Path(config.out) / config.dataset
+    if rank != 0:
+        return _train(config, out, resume, "")
+    with _locked(out):
+        previous = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+        if previous and not (resume or overwrite):
+            raise FileExistsError(f"lifeiqa_fast.train: {out} holds a previous training's files "
+                                  f"({', '.join(previous[:4])}{', ...' if len(previous) > 4 else ''}): resume it "
+                                  f"(--resume), replace it (--overwrite), or choose another --out")
+        if overwrite:
+            for name in previous:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        return _train(config, out, resume, run_id)
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """out, created if need be, locked for this process (an flock on out/.lock, which the system
+    releases when the process ends, killed or not); BlockingIOError naming the process holding it."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise BlockingIOError(f"lifeiqa_fast.train: {out} is in use by another training run ({holder}): wait "
+                                  f"for it to end, or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        try:
+            yield out
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _train(config: TrainConfig, out: Path, resume: bool, run_id: str) -> dict:
+    """train()'s work, in out (locked by rank 0)."""
     from .data import load_split, make_synthetic, read_dataset, repeated_splits, save_split
 
     rank, _ = _distributed()
-    out = Path(config.out) / config.dataset
     if config.dataset == "synthetic" and not (Path(config.root) / "dmos.csv").is_file():
         if rank == 0:  # made here on first use (a few seconds), the others wait for it
             make_synthetic(config.root, progress=True)
@@ -421,8 +534,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             save_split(run_dir / "split.csv", train_records, test_records, root=config.root)
-        runs.append(train_run(config, train_records, test_records, run_dir, run, resume))
-    summary = {"config": asdict(config), "runs": [{k: v for k, v in r.items() if k != "history"} for r in runs]}
+        runs.append(train_run(config, train_records, test_records, run_dir, run, resume, run_id))
+    summary = {"run_id": run_id, "config": asdict(config), "runs": [{k: v for k, v in r.items() if k != "history"} for r in runs]}
     # the authors' numbers (their "Max SRCC", "Max PLCC"), then the last epoch's, each a median over runs
     summary["median_best_srcc"] = statistics.median(r["max_srcc"] for r in runs)
     summary["median_best_plcc"] = statistics.median(r["max_plcc"] for r in runs)

@@ -56,8 +56,28 @@ def test_bf16_autocast_run_with_a_cnn_backbone(synthetic, tmp_path):
     assert saved["config"]["LIFEIQA_FAST"]["backbone"] == "resnet10t"
 
 
-def test_resumed_run_equals_uninterrupted(synthetic, tmp_path, monkeypatch):
-    whole = train(_config(synthetic, tmp_path / "whole"))
+@pytest.fixture(scope="module")
+def uninterrupted(synthetic, tmp_path_factory):
+    """A 2-epoch run that nothing interrupted: its summary and final checkpoint."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    summary = train(_config(synthetic, out))
+    return summary, torch.load(out / "synthetic" / "run0" / "checkpoint.pth", weights_only=True)
+
+
+def _assert_same_run(out, uninterrupted):
+    """The run in out ended where the uninterrupted one did: every weight and every epoch's numbers."""
+    _, whole = uninterrupted
+    saved = torch.load(out / "synthetic" / "run0" / "checkpoint.pth", weights_only=True)
+    assert saved["epoch"] == whole["epoch"]
+    for a, b in zip(saved["history"], whole["history"], strict=True):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    assert all(torch.equal(saved["model"][k], v) for k, v in whole["model"].items())
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resumed_run_equals_uninterrupted(synthetic, tmp_path, monkeypatch, uninterrupted, workers):
+    """Interrupted in epoch 2 and resumed, with or without data-loading workers (persistent workers once
+    drew their seed from the global generator: a resumed run's dropout then differed)."""
     calls = {"n": 0}
     evaluate = training.correlations
 
@@ -69,14 +89,130 @@ def test_resumed_run_equals_uninterrupted(synthetic, tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "correlations", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(_config(synthetic, tmp_path / "resumed"))
+        train(_config(synthetic, tmp_path, workers=workers))
     monkeypatch.setattr(training, "correlations", evaluate)
-    resumed = train(_config(synthetic, tmp_path / "resumed"), resume=True)
+    resumed = train(_config(synthetic, tmp_path, workers=workers), resume=True)
     for key in ("srcc", "plcc", "krcc", "train_loss"):
-        assert resumed["runs"][0]["last"][key] == whole["runs"][0]["last"][key], key
-    a, b = (torch.load(p / "synthetic" / "run0" / "checkpoint.pth", weights_only=True)["model"]
-            for p in (tmp_path / "whole", tmp_path / "resumed"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+        assert resumed["runs"][0]["last"][key] == uninterrupted[0]["runs"][0]["last"][key], key
+    _assert_same_run(tmp_path, uninterrupted)
+    lines = [json.loads(line) for line in (tmp_path / "synthetic" / "run0" / "log.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1] and lines[0]["run_id"] != lines[1]["run_id"] != ""
+
+
+# A training process that SIGKILLs itself at the n-th call of one point: data (a training sample read),
+# step (just after an optimizer step, before the scheduler's) or save (a checkpoint half written).
+KILLED_CHILD = """
+import json, os, signal, sys
+import torch
+import lifeiqa_fast.model
+import lifeiqa_fast.train as training
+from lifeiqa_fast.train import TrainConfig, train
+
+root, settings, point, n = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+calls = [0]
+
+def dies(fn, after):
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n and not after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        result = fn(*args, **kwargs)
+        if calls[0] == n and after:
+            if point == "save":
+                size = os.path.getsize(args[1])
+                with open(args[1], "r+b") as f:
+                    f.truncate(size // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    return wrapper
+
+if point == "data":
+    training.TrainCrops.__getitem__ = dies(training.TrainCrops.__getitem__, after=False)
+elif point == "step":
+    torch.optim.AdamW.step = dies(torch.optim.AdamW.step, after=True)
+elif point == "save":
+    lifeiqa_fast.model.torch.save = dies(torch.save, after=True)
+train(TrainConfig.preset("synthetic", root, **settings), resume=True)
+"""
+
+
+def test_killed_at_random_points_then_resumed_equals_uninterrupted(synthetic, tmp_path, uninterrupted):
+    """kill -9 while reading data, just after an optimizer step and halfway through a checkpoint write,
+    each at a random call, then resumed to the end: the same weights and numbers as the uninterrupted
+    run (no checkpoint half written is read; a stale temporary file is removed)."""
+    import random
+
+    draw = random.Random(15)
+    settings = {k: v for k, v in vars(_config(synthetic, tmp_path)).items() if k not in ("dataset", "root")}
+    # the threads of this process: another count sums the GEMMs in another order
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    # 90 samples and 11 steps an epoch, 2 epochs; points in order, each process resuming the last one's
+    kills = [("data", draw.randint(1, 80), 0), ("step", draw.randint(1, 11), 1), ("save", 1, 1)]
+    for point, n, workers in [*kills, (None, 0, 1)]:
+        result = subprocess.run([sys.executable, "-c", KILLED_CHILD, str(synthetic),
+                                 json.dumps({**settings, "workers": workers}), str(point), str(n)],
+                                capture_output=True, text=True, timeout=600, env=env)
+        expected = -9 if point else 0
+        assert result.returncode == expected, (point, n, result.stderr[-3000:])
+    _assert_same_run(tmp_path, uninterrupted)
+    assert not list((tmp_path / "synthetic" / "run0").glob("*.tmp*"))
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_epoch(synthetic, tmp_path, uninterrupted):
+    out = tmp_path / "synthetic" / "run0"
+    train(_config(synthetic, tmp_path))
+    latest = out / "checkpoint.pth"
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated
+    with pytest.warns(UserWarning, match=rf"{latest} cannot be read \(RuntimeError: .*resuming from "
+                                         rf"{out / 'checkpoint.prev.pth'} \(epoch 1\) instead"):
+        train(_config(synthetic, tmp_path), resume=True)  # epoch 2 again, from epoch 1's checkpoint
+    _assert_same_run(tmp_path, uninterrupted)
+    for path in (latest, out / "checkpoint.prev.pth"):
+        path.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"cannot resume: {latest} cannot be read \(EOFError.*\); "
+                                         rf"{out / 'checkpoint.prev.pth'} cannot be read"):
+        train(_config(synthetic, tmp_path), resume=True)
+
+
+def test_resume_with_other_model_settings_names_them(synthetic, tmp_path):
+    train(_config(synthetic, tmp_path, epochs=1))
+    with pytest.raises(ValueError, match=r"cannot resume from .*checkpoint.pth: .*other settings.*'depth': \(4, 2\)"):
+        train(_config(synthetic, tmp_path, epochs=2, depth=2), resume=True)
+
+
+def test_finished_run_is_not_overwritten(synthetic, tmp_path):
+    """A new run into a non-empty output folder is refused; --overwrite replaces it; a run into a
+    folder another run is writing to fails at once."""
+    train(_config(synthetic, tmp_path, epochs=1))
+    out = tmp_path / "synthetic"
+    before = (out / "run0" / "checkpoint.pth").read_bytes()
+    with pytest.raises(FileExistsError, match=rf"{out} holds a previous training's files .*--resume.*--overwrite"):
+        train(_config(synthetic, tmp_path, epochs=1))
+    assert (out / "run0" / "checkpoint.pth").read_bytes() == before
+    with training._locked(out):  # as another process's run would hold it
+        with pytest.raises(BlockingIOError, match=rf"{out} is in use by another training run \(pid {os.getpid()}"):
+            train(_config(synthetic, tmp_path, epochs=1), overwrite=True)
+    (out / "run0" / "stale.txt").write_text("from before")
+    train(_config(synthetic, tmp_path, epochs=1), overwrite=True)
+    assert not (out / "run0" / "stale.txt").exists()
+    assert len((out / "run0" / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_second_process_fails_at_once_while_a_run_holds_the_folder(synthetic, tmp_path):
+    """Two processes: the second `lifeiqa-fast train` into the same --out exits 2 naming the first."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, pathlib; import lifeiqa_fast.train as t\n"
+                               "with t._locked(pathlib.Path(sys.argv[1])): print('locked', flush=True); time.sleep(60)",
+                               str(tmp_path / "synthetic")], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = subprocess.run([sys.executable, "-m", "lifeiqa_fast.cli", "train", "--dataset", "synthetic", "--root",
+                                 str(synthetic), "--out", str(tmp_path), "--overwrite"],
+                                capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2 and f"in use by another training run (pid {holder.pid}" in result.stderr
 
 
 def test_two_gloo_processes_then_eval(synthetic, tmp_path):
@@ -152,6 +288,21 @@ def test_config_files_and_bad_settings(tmp_path):
         TrainConfig.preset("koniq", "root", learning_rate=1)
     with pytest.raises(ValueError, match="scheduler must be step or cosine"):
         TrainConfig.preset("koniq", "root", scheduler="linear")
+    for name, value in (("batch_size", 0), ("epochs", 0), ("repeats", -1), ("patch_num", 2.5), ("limit", 0),
+                        ("workers", -1), ("depth", True)):
+        with pytest.raises(ValueError, match=rf"{name} must be an int >= \d, got {value!r}"):
+            TrainConfig.preset("koniq", "root", **{name: value})
+    with pytest.raises(ValueError, match="base_lr must be a finite number"):
+        TrainConfig.preset("koniq", "root", base_lr=float("nan"))
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--epochs"])
+def test_cli_train_refuses_zero(tmp_path, capsys, flag):
+    from lifeiqa_fast.cli import main
+
+    assert main(["train", "--dataset", "koniq", "--root", str(tmp_path), "--out", str(tmp_path), flag, "0"]) == 2
+    name = flag[2:].replace("-", "_")
+    assert f"lifeiqa-fast train: lifeiqa_fast.train: {name} must be an int >= 1, got 0" in capsys.readouterr().err
 
 
 def test_resize_settings():

@@ -538,7 +538,10 @@ def load_checkpoint(path_or_dict, map_location="cpu", **overrides) -> LifeIQA:
     any LifeIQA argument can be overridden; a file written by save_checkpoint also carries the
     LifeIQA arguments it was built with (backbone included). The saved config, as nested dicts ({}
     if none), is kept as model.checkpoint_config (the Scorer reads its DATA.DATASET). Files load with
-    weights_only=True. A key mismatch raises an error listing the missing and unexpected keys.
+    weights_only=True plus exactly the numpy and yacs globals of the authors' files
+    (_checkpoint_globals): a file naming any other global is refused, naming it. The saved config sets
+    only the model's shape and backbone (_saved_arguments), never a file to read. A key mismatch
+    raises an error listing the missing and unexpected keys.
     """
     if isinstance(path_or_dict, Mapping):
         checkpoint, where = path_or_dict, "the checkpoint given"

@@ -6,3 +6,16 @@ import torch
 # their logic. It must be set before Triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    from hypothesis import settings
+except ImportError:  # test_properties.py then fails to import, saying so
+    pass
+else:
+    # "ci" (the default): test_properties.py's examples are the same every run, so that a run's verdict
+    # does not depend on its luck; "explore" draws new ones, more of them. Loaded before the hypothesis
+    # plugin reads --hypothesis-profile, which therefore overrides it.
+    settings.register_profile("ci", max_examples=25, derandomize=True)
+    settings.register_profile("explore", max_examples=500)
+    settings.load_profile("ci")
+

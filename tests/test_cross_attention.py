@@ -253,22 +253,28 @@ def test_native_op_checks_its_contract():
                                                *params[3:], 2, 1e-5)
 
 
+def _attend_memory_case(case, dtype, scale=1.0):
+    """(generator, leaves in dtype, the same in float64, (attend_memory, mha_ref and the float64 truth's
+    outputs)) for case (B, Nq, Nk, D, H); memory and in_proj's weights scaled by scale."""
+    B, Nq, Nk, D, H = case
+    gen = torch.Generator().manual_seed(0)
+    rnd = lambda *shape, s=1.0: (s * torch.randn(*shape, generator=gen, dtype=torch.float64))  # noqa: E731
+    leaves64 = [rnd(B, Nq, D), rnd(B, Nk, D, s=scale), 1 + rnd(D, s=0.2), rnd(D, s=0.1),
+                rnd(3 * D, D, s=scale * D**-0.5), rnd(3 * D, s=0.5), rnd(D, D, s=D**-0.5), rnd(D, s=0.1)]
+    leaves = [t.to(dtype).requires_grad_() for t in leaves64]
+    for t in leaves64:
+        t.requires_grad_()
+    outs = [fn(*args, H) for fn, args in ((ops.attend_memory, leaves), (mha_ref, leaves), (mha_ref, leaves64))]
+    return gen, leaves, leaves64, outs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("case", [(2, 6, 49, 384, 6), (3, 1, 1, 64, 2), (2, 7, 50, 100, 4), (0, 6, 49, 64, 2)],
                          ids=["life-iqa", "Nq1-Nk1", "D100-hd25", "empty-batch"])
 def test_attend_memory_equals_the_official_layer(case, dtype):
     """ops.attend_memory (queries taken to the memory, keys and values never formed) against mha_ref,
     the authors' module call, forward and backward, each against the float64 truth."""
-    B, Nq, Nk, D, H = case
-    gen = torch.Generator().manual_seed(0)
-    rnd = lambda *shape, s=1.0: (s * torch.randn(*shape, generator=gen, dtype=torch.float64))  # noqa: E731
-    leaves64 = [rnd(B, Nq, D), rnd(B, Nk, D), 1 + rnd(D, s=0.2), rnd(D, s=0.1), rnd(3 * D, D, s=D**-0.5),
-                rnd(3 * D, s=0.5), rnd(D, D, s=D**-0.5), rnd(D, s=0.1)]
-    leaves = [t.to(dtype).requires_grad_() for t in leaves64]
-    for t in leaves64:
-        t.requires_grad_()
-    out, ref, truth = (fn(*args, H) for fn, args in ((ops.attend_memory, leaves), (mha_ref, leaves),
-                                                     (mha_ref, leaves64)))
+    gen, leaves, leaves64, (out, ref, truth) = _attend_memory_case(case, dtype)
     tol = TOLERANCE.get(dtype, {"forward": (1e-12, 1e-12, 1.0), "backward": (1e-11, 1e-11, 1.0)})
     assert_matches_reference(out, ref, truth, tol["forward"], f"attend_memory {dtype} forward")
     dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
@@ -310,16 +316,7 @@ def test_attend_memory_large_scores_half(dtype):
     finite. The module's attention forms them in fp32 and so must attend_memory (fp16 gave all NaN):
     finite, and no further from the float64 truth than twice the module's own error in that dtype,
     forward and backward."""
-    B, Nq, Nk, D, H = 2, 6, 49, 64, 2
-    gen = torch.Generator().manual_seed(0)
-    rnd = lambda *shape, s=1.0: (s * torch.randn(*shape, generator=gen, dtype=torch.float64))  # noqa: E731
-    leaves64 = [rnd(B, Nq, D), rnd(B, Nk, D, s=30.0), 1 + rnd(D, s=0.2), rnd(D, s=0.1), rnd(3 * D, D, s=30 * D**-0.5),
-                rnd(3 * D, s=0.5), rnd(D, D, s=D**-0.5), rnd(D, s=0.1)]
-    leaves = [t.to(dtype).requires_grad_() for t in leaves64]
-    for t in leaves64:
-        t.requires_grad_()
-    out, ref, truth = (fn(*args, H) for fn, args in ((ops.attend_memory, leaves), (mha_ref, leaves),
-                                                     (mha_ref, leaves64)))
+    gen, leaves, leaves64, (out, ref, truth) = _attend_memory_case((2, 6, 49, 64, 2), dtype, scale=30.0)
     assert bool(out.isfinite().all()), f"attend_memory {dtype}: {int((~out.isfinite()).sum())} non-finite outputs"
     scale = truth.abs().max().item()  # outputs near 4e3: the tolerances are relative to that
     fwd_atol, fwd_rtol, slack = TOLERANCE[dtype]["forward"]

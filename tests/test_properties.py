@@ -3,8 +3,8 @@ and 1 wherever the op allows them), dtypes, memory layouts and values, forward a
 
 Each example runs in a forked child process, so that a kernel that crashes on some shape (a segfault,
 an abort) fails that example, with the child's signal, instead of killing the test run; hypothesis
-then shrinks it like any other failure. 25 examples per op, about 35 ms of fork each: the file runs
-in well under a minute on 2 cores.
+then shrinks it like any other failure. 25 examples per op by default (conftest.py's profiles),
+about 35 ms of fork each: the file runs in well under a minute on 2 cores.
 """
 from __future__ import annotations
 
@@ -26,9 +26,11 @@ from lifeiqa_fast import ops
 from lifeiqa_fast.ops._impl import _why_not
 from lifeiqa_fast.ops.cross_attention import MAX_QUERIES
 from lifeiqa_fast.ops.gcn import MAX_TOKENS
-from lifeiqa_fast.reference import cross_attention_ref, gcn_ref, grid_pool_ref, mha_ref, moe_ref
+from lifeiqa_fast.reference import cross_attention_ref, grid_pool_ref, mha_ref, moe_ref
 
-SETTINGS = dict(max_examples=25, deadline=None)  # hypothesis keeps its cache in .hypothesis/, which ignores itself
+# The examples' budget and seed: conftest.py's hypothesis profiles ("ci", the default: 25 examples per
+# op, the same ones every run; "explore": more, new ones each run; pytest --hypothesis-profile=explore).
+SETTINGS = dict(deadline=None)
 CHILD_TIMEOUT_S = 120  # one example, fork to verdict; the slowest take well under a second
 
 pytestmark = pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
@@ -216,12 +218,41 @@ def _check_gcn(c) -> None:
 
     # the fixed graph (J + I) / (N + 1) exact in float64 (reference.fixed_adjacency forms it in fp32)
     fixed = (torch.ones(N, N, dtype=torch.float64) + torch.eye(N, dtype=torch.float64)) / (N + 1)
+    adj64 = leaves[7].detach().double() if len(leaves) > 7 else fixed
+    w64 = [t.detach().double() for t in leaves[1:7]]
+    # A ReLU whose input is within rounding of 0 may fall either way in the kernel, the reference and the
+    # float64 truth, and its gradient then differs by a whole term. So: the kernel's decisions may differ
+    # from the truth's only there; the gradients are then compared with the kernel's decisions imposed.
+    with torch.no_grad():
+        adj = leaves[7].detach() if len(leaves) > 7 else None
+        _, *hidden = torch.ops.lifeiqa_fast.gcn(leaves[0].detach(), adj, *(t.detach() for t in leaves[1:7]))
+    decisions = [h.double() > 0 for h in hidden]
+    h = leaves[0].detach().double()
+    for (w, b), decided in zip(((w64[0], w64[1]), (w64[2], w64[3])), decisions):
+        pre = adj64 @ (h @ w) + b
+        bound = adj64.abs() @ (h.abs() @ w.abs()) + b.abs()  # the scale of the rounding errors in pre
+        flipped = decided != (pre > 0)
+        margin = 32 * torch.finfo(dtype).eps * bound
+        assert bool((pre.abs()[flipped] <= margin[flipped]).all()), f"gcn: a ReLU decided otherwise, far from 0"
+        h = pre * decided
 
     def reference(x, *weights_and_adj):
         adj = weights_and_adj[6] if len(weights_and_adj) > 6 else fixed.to(x.dtype)
-        return gcn_ref(x, adj, *weights_and_adj[:6])
+        return gcn_with_decisions(x, adj, *weights_and_adj[:6], [d.to(x.dtype) for d in decisions])
 
     _check_against_reference("gcn", names, leaves, run, reference, dtype, f"gcn {c['adj']}")
+
+
+def gcn_with_decisions(x, adj, w1, b1, w2, b2, w3, b3, decisions):
+    """gcn_ref with its two ReLUs' decisions given (0/1 tensors multiplied in instead), in the reference's
+    order of operations."""
+    B = x.shape[0]
+    adj_b = adj.expand(B, -1, -1) if adj.dim() == 2 else adj
+    h = x
+    for w, b, decided in ((w1, b1, decisions[0]), (w2, b2, decisions[1]), (w3, b3, None)):
+        h = torch.bmm(adj_b, torch.bmm(h, w.unsqueeze(0).expand(B, -1, -1))) + b
+        h = h if decided is None else h * decided
+    return x + h
 
 
 @settings(**SETTINGS)

@@ -176,8 +176,8 @@ def test_damaged_checkpoint_falls_back_to_the_previous_epoch(synthetic, tmp_path
 
 def test_resume_with_other_model_settings_names_them(synthetic, tmp_path):
     train(_config(synthetic, tmp_path, epochs=1))
-    with pytest.raises(ValueError, match=r"cannot resume from .*checkpoint.pth: .*other settings.*'depth': \(4, 2\)"):
-        train(_config(synthetic, tmp_path, epochs=2, depth=2), resume=True)
+    with pytest.raises(ValueError, match=r"cannot resume from .*checkpoint.pth: .*other settings.*'depth': \(2, 1\)"):
+        train(_config(synthetic, tmp_path, epochs=2, depth=1), resume=True)
 
 
 def test_finished_run_is_not_overwritten(synthetic, tmp_path):
@@ -236,7 +236,11 @@ def test_two_gloo_processes_then_eval(synthetic, tmp_path):
          "--dataset", "synthetic", "--root", str(synthetic), "--split", str(run / "split.csv")],
         capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"45 images: SRCC {last['srcc']:.4f}  PLCC {last['plcc']:.4f}" in result.stdout
+    # to 1e-3: batches of other images round the scores otherwise (1e-7), which may swap two near-equal
+    # ones (an adjacent swap moves SRCC by 1.3e-4 over 45 images)
+    words = result.stdout.split()
+    assert words[:3] == ["45", "images:", "SRCC"], result.stdout
+    assert abs(float(words[3]) - last["srcc"]) < 1e-3 and abs(float(words[5]) - last["plcc"]) < 1e-3, result.stdout
 
 
 def test_learning_rate_schedules():

@@ -341,7 +341,7 @@ def train_run(config: TrainConfig, train_records, test_records, run_dir: Path, r
     history, start = [], 0
     checkpoint = run_dir / CHECKPOINT
     if resume:
-        saved = _resume_from(run_dir, model.config, device)
+        saved = _resume_from(run_dir, model.config, device, tidy=rank == 0)
         if saved is not None:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
@@ -405,12 +405,15 @@ def train_run(config: TrainConfig, train_records, test_records, run_dir: Path, r
 CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pth", "checkpoint.prev.pth"
 
 
-def _resume_from(run_dir: Path, model_config: dict, device) -> dict | None:
+def _resume_from(run_dir: Path, model_config: dict, device, tidy: bool = True) -> dict | None:
     """The newest readable checkpoint of run_dir (CHECKPOINT, else PREVIOUS_CHECKPOINT, saying why with a
     warning), loaded; None if the run wrote none. ValueError naming each file and its cause if none can
-    be read, or naming the file and the settings if it was written by a model built otherwise."""
-    for stale in run_dir.glob(f"{CHECKPOINT}.tmp*"):  # a write that was killed before its rename
-        stale.unlink()
+    be read, or naming the file and the settings if it was written by a model built otherwise. tidy
+    (the process that writes): a damaged CHECKPOINT passed over is renamed <name>.damaged, so that the
+    next epoch's rotation does not make it the fallback; killed writes' temporary files are removed."""
+    if tidy:
+        for stale in run_dir.glob(f"{CHECKPOINT}.tmp*"):  # a write that was killed before its rename
+            stale.unlink(missing_ok=True)
     problems = []
     for path in (run_dir / CHECKPOINT, run_dir / PREVIOUS_CHECKPOINT):
         if not path.exists():
@@ -430,8 +433,12 @@ def _resume_from(run_dir: Path, model_config: dict, device) -> dict | None:
                              f"settings (saved, now): {differ}; resume with the settings of the run, or start "
                              f"another --out")
         if problems:
+            damaged = run_dir / CHECKPOINT
+            if tidy and damaged.exists():
+                os.replace(damaged, damaged.with_name(f"{CHECKPOINT}.damaged"))
             warnings.warn(f"lifeiqa_fast.train: {problems[0]}; resuming from {path} (epoch {saved['epoch'] + 1}) "
-                          f"instead", stacklevel=2)
+                          f"instead{f' (the damaged file kept as {CHECKPOINT}.damaged)' if tidy else ''}",
+                          stacklevel=2)
         return saved
     if problems:
         raise ValueError("lifeiqa_fast.train: cannot resume: " + "; ".join(problems))

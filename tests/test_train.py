@@ -164,9 +164,13 @@ def test_damaged_checkpoint_falls_back_to_the_previous_epoch(synthetic, tmp_path
     latest = out / "checkpoint.pth"
     latest.write_bytes(latest.read_bytes()[:1000])  # truncated
     with pytest.warns(UserWarning, match=rf"{latest} cannot be read \(RuntimeError: .*resuming from "
-                                         rf"{out / 'checkpoint.prev.pth'} \(epoch 1\) instead"):
+                                         rf"{out / 'checkpoint.prev.pth'} \(epoch 1\) instead \(the damaged "
+                                         rf"file kept as checkpoint.pth.damaged\)"):
         train(_config(synthetic, tmp_path), resume=True)  # epoch 2 again, from epoch 1's checkpoint
     _assert_same_run(tmp_path, uninterrupted)
+    # the rotation after epoch 2 moved the good checkpoint to the fallback, not the damaged one
+    assert torch.load(out / "checkpoint.prev.pth", weights_only=True)["epoch"] == 0
+    assert (out / "checkpoint.pth.damaged").stat().st_size == 1000
     for path in (latest, out / "checkpoint.prev.pth"):
         path.write_bytes(b"")
     with pytest.raises(ValueError, match=rf"cannot resume: {latest} cannot be read \(EOFError.*\); "

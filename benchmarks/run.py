@@ -41,7 +41,7 @@ from tqdm import tqdm  # a dependency of timm's
 import lifeiqa_fast
 from lifeiqa_fast.model import Decoder
 from lifeiqa_fast.ops import cross_attention, gcn, grid_pool
-from lifeiqa_fast.ops.moe import moe_triton
+from lifeiqa_fast.ops.moe import moe_composite, moe_triton
 from lifeiqa_fast.ops._impl import choose, triton_interpreted
 from lifeiqa_fast.reference import cross_attention_ref, fixed_adjacency, gcn_ref, grid_pool_ref, moe_ref
 
@@ -223,7 +223,7 @@ def _moe_inputs(batch: int, dtype: torch.dtype, device: torch.device) -> tuple:
     return tuple(t.to(device, dtype) for t in (torch.randn(QUERIES * batch, d), *weights))
 
 
-MOE_IMPLS = {"native-grouped": ("native", False), "native-dense": ("native", True),
+MOE_IMPLS = {"composite": ("composite", True), "native-grouped": ("native", False), "native-dense": ("native", True),
              "triton-grouped": ("triton", False), "triton-dense": ("triton", True)}  # label: (impl, dense)
 
 
@@ -232,6 +232,8 @@ def _moe_build(impl: str, device: torch.device, dtype: torch.dtype):
         return (lambda x, *weights: moe_ref(x, *weights, TOP_K)), ()
     which, dense = MOE_IMPLS[impl]
     _check_timeable("moe", which, device)
+    if which == "composite":
+        return (lambda x, *weights: moe_composite(x, *weights, TOP_K)), ()
     op = torch.ops.lifeiqa_fast.moe if which == "native" else moe_triton
     return (lambda x, *weights: op(x, *weights, TOP_K, None, dense)[:3]), ()
 
@@ -240,7 +242,7 @@ def _moe_build(impl: str, device: torch.device, dtype: torch.dtype):
 # MODEL_IMPLS: our implementations of it by label, as LifeIQA arguments (an impl="auto" LifeIQA is
 # what lifeiqa_fast.optimize makes of the authors' model); eager is impl="reference".
 MODEL_CONFIG = dict(num_experts=8, top_k=2, depth=4)
-MODEL_IMPLS = {"optimized": dict(impl="auto")}
+MODEL_IMPLS = {"optimized": dict(impl="auto"), "composite": dict(impl="composite")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -325,7 +327,7 @@ MODEL_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-
 OP_BATCHES = {"cpu": (1, 8, 32, 64), "cuda": (1, 8, 32, 64, 256)}  # 32: the project's targets are quoted there
 
 CASES = {case.op: case for case in (
-    Case("grid_pool", functools.partial(_stage_maps, stages=(3,)), _grid_pool_build, ("native", "triton"),
+    Case("grid_pool", functools.partial(_stage_maps, stages=(3,)), _grid_pool_build, ("composite", "native", "triton"),
          GRID_POOL_TOLERANCE, OP_BATCHES, quick=(1, 32), cost=_grid_pool_cost),
     Case("gcn", _gcn_inputs, _gcn_build, ("native", "triton"), GCN_TOLERANCE, OP_BATCHES, quick=(1, 32)),
     Case("cross_attention", _attention_inputs, _attention_build, ("native", "triton"), ATTENTION_TOLERANCE,

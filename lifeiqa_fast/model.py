@@ -376,7 +376,7 @@ class LifeIQA(FusedForward, nn.Module):
             or a timm ResNet or ConvNeXt name (ours: they learn from scratch far faster on small sets).
         pretrained: False (random backbone), True (timm's weights: ms_in22k_ft_in1k for Swin; needs a network)
             or a path to local backbone weights (a timm, safetensors or torch file).
-        impl: implementation of the head ops: "auto", "reference", "native", "triton", or None for
+        impl: implementation of the head ops: "auto", "reference", "composite", "native", "triton", or None for
             the process-wide default.
         adjacency: "fixed" (the authors' code: the graph (J + I) / (N + 1), not in the state dict) or
             "learnable" (the paper: a per-layer (N, N) parameter `bunch_decoder.layers.{l}.adj`

@@ -11,15 +11,16 @@ def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def impl_params(op: str) -> list:
+def impl_params(op: str, composite: bool = False) -> list:
     """pytest params "impl-device" for every kernel of op on every device present: native and Triton where
-    they can run (on CUDA whether or not validated: these tests are what validates them). A kernel that
-    cannot run here is skipped with its reason. Not the reference: the tests compare with it (it is
-    checked against the authors' code in test_golden.py and test_optimize.py).
+    they can run (on CUDA whether or not validated: these tests are what validates them), and the
+    composite implementation if composite (tests of what any implementation must do, not of a custom
+    op's machinery). A kernel that cannot run here is skipped with its reason. Not the reference: the
+    tests compare with it (it is checked against the authors' code in test_golden.py and test_optimize.py).
     """
     params = []
     for device in devices():
-        for impl in ("native", "triton"):
+        for impl in ("composite", "native", "triton") if composite else ("native", "triton"):
             why = _why_not(op, impl, device)
             marks = [pytest.mark.cuda] if device == "cuda" else []
             if why is not None:

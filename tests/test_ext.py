@@ -61,7 +61,7 @@ def records(monkeypatch):
 def test_auto_never_picks_unvalidated_gpu_kernels(records):
     records()
     impl, reason = _impl.choose("grid_pool", "cuda", "auto")
-    assert impl == "reference"
+    assert impl == "composite"
     if _ext.has_kernel("grid_pool", "cuda"):
         assert "CUDA kernel compiled but never validated on a GPU" in reason
 
@@ -71,7 +71,7 @@ def test_auto_picks_validated_cuda_kernel(records):
         pytest.skip("CUDA kernels not compiled")
     source = _impl.source_hash("grid_pool", "cuda")
     records({"op": "grid_pool", "backend": "cuda", "source": "0" * 64, "gpu": "old", "date": "2026-01-01"})
-    assert _impl.choose("grid_pool", "cuda", "auto")[0] == "reference"  # validated at another source revision
+    assert _impl.choose("grid_pool", "cuda", "auto")[0] == "composite"  # validated at another source revision
     records({"op": "grid_pool", "backend": "cuda", "source": source, "gpu": "NVIDIA H100", "date": "2026-11-27"})
     assert _impl.choose("grid_pool", "cuda", "auto") == ("native", "cuda kernel validated on NVIDIA H100")
 

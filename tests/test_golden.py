@@ -35,6 +35,8 @@ def _authors_stand_in(state_dict):
 MODELS = {
     "reference": lambda sd: lifeiqa_fast.load_checkpoint(sd, top_k=SPEC["config"]["top_k"], impl="reference"),
     "auto": lambda sd: lifeiqa_fast.load_checkpoint(sd, top_k=SPEC["config"]["top_k"], impl="auto"),
+    # what impl="auto" runs on a GPU until our kernels are validated there
+    "composite": lambda sd: lifeiqa_fast.load_checkpoint(sd, top_k=SPEC["config"]["top_k"], impl="composite"),
     # tests/authors_lifeiqa.py: checked here against the authors' own numbers, so that test_optimize's
     # comparisons with it on other configurations stand on their code, not on our reading of it
     "authors-stand-in": _authors_stand_in,

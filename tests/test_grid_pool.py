@@ -5,6 +5,7 @@ import torch
 
 from lifeiqa_fast import ops
 from lifeiqa_fast.ops import _impl
+from lifeiqa_fast.ops.grid_pool import bin_edges
 from lifeiqa_fast.reference import grid_pool_ref
 
 from helpers import assert_matches_reference, dtypes_for, impl_params, tolerance
@@ -46,7 +47,7 @@ def _nchw(x, layout):
     return x.permute(0, 3, 1, 2) if layout == "nhwc" else x
 
 
-@pytest.mark.parametrize("impl_device", impl_params("grid_pool"))
+@pytest.mark.parametrize("impl_device", impl_params("grid_pool", composite=True))
 @pytest.mark.parametrize("shape", CASES)
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])  # nchw: a non-contiguous NHWC view reaches the kernels
 def test_matches_reference(impl_device, shape, layout):
@@ -70,15 +71,23 @@ def test_matches_reference(impl_device, shape, layout):
         assert_matches_reference(dx, dx_ref, dx_truth, tol["backward"], f"{impl} {device} {dtype} backward")
 
 
-@pytest.mark.parametrize("impl_device", impl_params("grid_pool"))
+@pytest.mark.parametrize("impl_device", impl_params("grid_pool", composite=True))
 def test_bin_edges_match_linspace(impl_device):
     """Every map size from 7 to 40: the kernels' bin edges are those of torch.linspace(dtype=int)."""
     impl, device = impl_device
-    sizes = range(7, 41) if impl == "native" else (7, 8, 13, 20, 29, 40)  # the interpreter is slow
+    sizes = range(7, 41) if impl != "triton" else (7, 8, 13, 20, 29, 40)  # the interpreter is slow
     for h in sizes:
         x = torch.randn(1, h, h + 3, 2, dtype=torch.float64, device=device)
         torch.testing.assert_close(ops.grid_pool(x, 7, impl=impl), grid_pool_ref(x.permute(0, 3, 1, 2), 7),
                                    rtol=1e-12, atol=1e-12, msg=f"H={h}, W={h + 3}")
+
+
+def test_python_bin_edges_are_linspace():
+    """The composite's edges, Python arithmetic (no tensor for a tracer to read back), are torch.linspace's
+    for every map up to 300 and every grid up to 64."""
+    for n in range(1, 301):
+        for grid in range(1, min(n, 64) + 1):
+            assert bin_edges(n, grid) == torch.linspace(0, n, grid + 1, dtype=torch.int).tolist(), (n, grid)
 
 
 def test_sliced_input_strides():
@@ -87,14 +96,14 @@ def test_sliced_input_strides():
     torch.testing.assert_close(ops.grid_pool(x, 7), grid_pool_ref(x.permute(0, 3, 1, 2), 7))
 
 
-@pytest.mark.parametrize("impl_device", impl_params("grid_pool"))
+@pytest.mark.parametrize("impl_device", impl_params("grid_pool", composite=True))
 def test_gradcheck_float64(impl_device):
     impl, device = impl_device
     x = torch.randn(2, 4, 3, 2, dtype=torch.float64, device=device, requires_grad=True)  # W=3: bins of 1 and 2 cells
     assert torch.autograd.gradcheck(lambda t: ops.grid_pool(t, 2, impl=impl), (x,))
 
 
-@pytest.mark.parametrize("impl_device", impl_params("grid_pool"))
+@pytest.mark.parametrize("impl_device", impl_params("grid_pool", composite=True))
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_double_backward_equals_the_reference(impl_device, layout):
     """create_graph=True, then a second grad through the op (squared after it, so the second derivative

@@ -58,7 +58,7 @@ def _loss(out, aux, z, dout):
     return (out * dout).sum() + 0.01 * aux + 0.001 * z
 
 
-@pytest.mark.parametrize("impl_device", impl_params("moe"))
+@pytest.mark.parametrize("impl_device", impl_params("moe", composite=True))
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dropout", [False, True], ids=["eval", "dropout-mask"])
 def test_matches_reference(impl_device, case, dropout):
@@ -126,7 +126,7 @@ def test_strategies_agree(dense):
     torch.testing.assert_close(gates.sum(-1), torch.ones(48, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("impl_device", impl_params("moe"))
+@pytest.mark.parametrize("impl_device", impl_params("moe", composite=True))
 def test_gradcheck_float64(impl_device):
     impl, device = impl_device
     tensors, k = _inputs((5, 4, 6, 3, 2, "random"), torch.float64, device)

@@ -35,8 +35,9 @@ def _cpu_model() -> str:
 
 
 def info() -> dict:
-    """Versions, the compiled extension, the devices, and per op and device the auto choice and why."""
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    """Versions, the compiled extension, the devices, and per op and device type the auto choice and why
+    (CPU and CUDA whether or not a GPU is present: what a model moved there would run)."""
+    devices = ["cpu", "cuda"]
     built_cuda = bool(_ext.BUILD_INFO.get("cuda"))
     ops = {}
     for op in OPS:

@@ -1,11 +1,14 @@
-"""Which implementation of an op runs: "reference", "native" (C++/CUDA in _C) or "triton".
+"""Which implementation of an op runs: "reference" (the authors' way), "composite" (ATen ops only, static
+shapes, no host synchronisation: what CUDA graphs and torch.compile(fullgraph=True) take whole), "native"
+(C++/CUDA in _C) or "triton".
 
 `impl="auto"` picks per device and says why (`lifeiqa_fast.info()` lists every choice):
 - CPU: the native C++ kernel when _C is loaded, else the reference (the loader has warned once).
 - CUDA: the native CUDA kernel when it is compiled and has passed its tests on a GPU at this source
-  revision (a record in validation.json), else the Triton kernel under the same rule, else the
-  reference. A kernel that has never been validated on a GPU is never picked by "auto".
-- any other device: the reference.
+  revision (a record in validation.json), else the Triton kernel under the same rule, else composite.
+  A kernel that has never been validated on a GPU is never picked by "auto"; nor is the reference,
+  whose pooling loop and per-expert MoE (host synchronisations) break CUDA graphs and compile.
+- any other device (mps, xpu, meta, ...): composite.
 An explicit impl that cannot run raises an error saying why; nothing falls back silently.
 """
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 
 from .. import _ext
 
-IMPLS = ("auto", "reference", "native", "triton")
+IMPLS = ("auto", "reference", "composite", "native", "triton")
 _default_impl = "auto"
 
 
@@ -81,7 +84,7 @@ def validation(op: str, backend: str) -> dict | None:
 def _why_not(op: str, impl: str, device_type: str) -> str | None:
     """None if `impl` can run `op` on this device type, else the reason it cannot. On meta tensors (no
     values, shapes only) the native and Triton ops run the fake implementations of ops/<op>.py."""
-    if impl == "reference":
+    if impl in ("reference", "composite"):
         return None
     if impl == "native":
         if not _ext.LOADED:
@@ -119,7 +122,7 @@ def choose(op: str, device_type: str, impl: str | None = None) -> tuple[str, str
         why = _why_not(op, "native", "cpu")
         return ("native", "C++ CPU kernel") if why is None else ("reference", why)
     if device_type != "cuda":
-        return "reference", f"no kernels for {device_type}"
+        return "composite", f"no kernels for {device_type}"
     reasons = []
     for candidate, backend in (("native", "cuda"), ("triton", "triton")):
         why = _why_not(op, candidate, "cuda")
@@ -129,7 +132,7 @@ def choose(op: str, device_type: str, impl: str | None = None) -> tuple[str, str
         if why is None:
             return candidate, f"{backend} kernel validated on {validation(op, backend)['gpu']}"
         reasons.append(f"{candidate}: {why}")
-    return "reference", "; ".join(reasons)
+    return "composite", "; ".join(reasons)
 
 
 @torch.compiler.assume_constant_result

@@ -27,12 +27,12 @@ def gcn(x: Tensor, adj: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: T
     w2 (H1, H2), w3 (H2, D); biases b1 (H1,), b2 (H2,), b3 (D,). All of x's dtype (float16, bfloat16,
     float32, float64; accumulated in float32, float64 in float64) and device. Returns (B, N, D).
     Differentiable in x, adj and all weights, twice too (create_graph=True, then another grad: the
-    backward is ATen ops). impl: "auto", "reference", "native", "triton", or None for the process-wide
+    backward is ATen ops). impl: "auto", "reference", "composite", "native", "triton", or None for the process-wide
     default.
     """
     _check(x, adj, w1, b1, w2, b2, w3, b3)
     which = resolve("gcn", x, impl)
-    if which == "reference":
+    if which in ("reference", "composite"):  # the reference is ATen ops without host synchronisation already
         a = adj if adj is not None else fixed_adjacency(x.shape[1], x.dtype, x.device)
         return gcn_ref(x, a, w1, b1, w2, b2, w3, b3)
     op = torch.ops.lifeiqa_fast.gcn if which == "native" else gcn_triton

@@ -8,6 +8,7 @@ lifeiqa_fast/reference.py (moe_ref, the authors' per-expert loop).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext
@@ -41,11 +42,42 @@ def moe(x: Tensor, router_weight: Tensor, router_bias: Tensor, w1: Tensor, b1: T
     if which == "reference":
         out, aux, z = moe_ref(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask=dropout_mask)
         return out, aux.to(acc_dtype(x.dtype)), z.to(acc_dtype(x.dtype))
+    if which == "composite":
+        return moe_composite(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask)
     dense = x.shape[0] <= DENSE_MAX_TOKENS.get(x.device.type, 0)
     weights = (t.contiguous() for t in (router_weight, router_bias, w1, b1, w2, b2))
     mask = None if dropout_mask is None else dropout_mask.contiguous()
     op = torch.ops.lifeiqa_fast.moe if which == "native" else moe_triton
     return op(x.contiguous(), *weights, top_k, mask, dense)[:3]
+
+
+def moe_composite(x: Tensor, router_weight: Tensor, router_bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
+                  b2: Tensor, top_k: int, dropout_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The composite implementation: every expert on every token (E / top_k times the FLOP of routing,
+    batched GEMMs; small at Life-IQA's sizes), each token's output the gate-weighted sum over its chosen
+    experts. No host synchronisation, no data-dependent shapes (the reference's per-expert boolean
+    indexing and one_hot sync on CUDA); the reference's routing (torch.topk, softmax over the top-k
+    logits). Differentiable to any order by autograd; aux and z in fp32 (fp64 for fp64)."""
+    T, E = x.shape[0], router_weight.shape[0]
+    acc = acc_dtype(x.dtype)
+    logits = F.linear(x, router_weight, router_bias)  # (T, E)
+    top_logits, indices = logits.topk(top_k, dim=-1)  # (T, k)
+    gates = F.softmax(torch.full_like(logits, float("-inf")).scatter(-1, indices, top_logits), dim=-1)  # (T, E)
+    chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, indices, True)  # (T, E)
+    counts = chosen.to(acc).mean(dim=0)  # (E,): the fraction of tokens routed to each expert, no gradient
+    aux = E * torch.sum(gates.to(acc).mean(dim=0) * counts)
+    z = torch.mean(torch.logsumexp(logits, dim=-1) ** 2).to(acc)
+    # each layer one batched GEMM over the experts with its bias added before rounding, as nn.Linear's
+    # addmm does: in bf16 a second rounding of the pre-activations moves more ReLU inputs near 0 across it
+    hidden = F.relu(torch.baddbmm(b1.unsqueeze(1), x.expand(E, T, x.shape[1]), w1.transpose(1, 2)))  # (E, T, F)
+    if dropout_mask is not None:  # mask[t, j] belongs to the token's j-th choice: spread onto experts
+        slots = indices.t().unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (k, T, F)
+        hidden = hidden * torch.zeros_like(hidden).scatter(0, slots, dropout_mask.transpose(0, 1))
+    expert_out = torch.baddbmm(b2.unsqueeze(1), hidden, w2.transpose(1, 2))  # (E, T, D)
+    # where, not a product with the zero gates alone: an unchosen expert's inf or NaN stays out, as in
+    # the reference, which never runs it
+    expert_out = torch.where(chosen.t().unsqueeze(-1), expert_out, 0)
+    return torch.einsum("te,etd->td", gates, expert_out), aux, z
 
 
 def _check(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask) -> None:

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from . import reference
 from .ops import attend_memory, cross_attention, gcn, grid_pool, moe
 from .ops._impl import _check_impl, get_default_impl, is_int, linear
-from .ops.gcn import MAX_TOKENS
 
 
 def _built_once(owner: nn.Module, params: list[Tensor], build):
@@ -412,9 +411,6 @@ class LifeIQA(FusedForward, nn.Module):
         # default 2 beside it
         if top_k > max(num_experts, 2):
             raise ValueError(f"lifeiqa_fast.LifeIQA: top_k must be in [1, num_experts={num_experts}], got {top_k}")
-        if num_queries > MAX_TOKENS:
-            raise ValueError(f"lifeiqa_fast.LifeIQA: num_queries must be at most {MAX_TOKENS} (the GCN ops' limit), "
-                             f"got {num_queries}")
         if embed_dim % num_heads or embed_dim % 4:
             raise ValueError(f"lifeiqa_fast.LifeIQA: embed_dim must be divisible by num_heads and 4, "
                              f"got embed_dim={embed_dim}, num_heads={num_heads}")

@@ -111,3 +111,35 @@ def test_auto_off_the_cpu_is_a_validated_kernel_or_composite(device):
             assert "validated on" in why
         else:
             assert impl == "composite", (op, device, impl, why)
+
+
+def test_python_limits_are_the_kernels():
+    """The limits the ops check before a kernel runs are the C++ constants the kernels are built with."""
+    import importlib
+    import pathlib
+    import re
+
+    gcn_module = importlib.import_module("lifeiqa_fast.ops.gcn")  # lifeiqa_fast.ops.gcn is also the function
+    attention_module = importlib.import_module("lifeiqa_fast.ops.cross_attention")
+
+    csrc = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+
+    def constant(header, name):
+        return int(re.search(rf"constexpr int64_t {name} = (\d+);", (csrc / header).read_text()).group(1))
+
+    assert gcn_module.MAX_TOKENS == constant("gcn.h", "kGcnMaxTokens")
+    assert attention_module.MAX_QUERIES == constant("cross_attention.h", "kAttnMaxQueries")
+    assert attention_module.MAX_HEAD_DIM == constant("cross_attention.h", "kAttnMaxHeadDim")
+
+
+def test_auto_runs_sizes_beyond_the_kernels():
+    """33 tokens for gcn, 65 queries and 130-channel heads for cross_attention: auto gives them to the
+    composite implementation (the reference's values)."""
+    gen = torch.Generator().manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    D, H1 = 16, 8
+    x, weights = rnd(2, 33, D), (rnd(D, H1), rnd(H1), rnd(H1, H1), rnd(H1), rnd(H1, D), rnd(D))
+    assert torch.equal(ops.gcn(x, None, *weights), gcn_ref(x, fixed_adjacency(33), *weights))
+    for Nq, D, heads in ((65, 32, 2), (6, 260, 2)):
+        args = (rnd(2, Nq, D), rnd(2, 9, 2, D), rnd(D), rnd(D), rnd(D, D), rnd(D), rnd(D, D), rnd(D))
+        assert torch.equal(ops.cross_attention(*args, heads), cross_attention_ref(*args, heads))

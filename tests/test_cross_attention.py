@@ -208,6 +208,12 @@ def test_kv_with_strided_last_dimension_is_copied():
                                cross_attention_ref(x, kv, *params, 2))
 
 
+def _wide(case):
+    """x, one layer's kv and the six parameters of case."""
+    x, kv_all, params = _inputs(case, torch.float32, "cpu")
+    return x, kv_all[:, :, 0], *params
+
+
 def _bad(**change):
     x, kv_all, params = _inputs((2, 6, 9, 32, 2), torch.float32, "cpu")
     args = dict(x=x, kv=kv_all[:, :, 0], **dict(zip(NAMES[2:], params)), num_heads=2)
@@ -219,15 +225,17 @@ def _bad(**change):
     "call, error, message",
     [
         (_bad(x=torch.randn(6, 32)), ValueError, r"x must have shape \(B, Nq, D\), got \(6, 32\)"),
-        (_bad(x=torch.randn(2, 65, 32)), ValueError, "1 <= Nq <= 64 query tokens, got Nq=65"),
+        (_bad(x=torch.randn(2, 65, 32), impl="native"), ValueError,
+         r"impl='native' cannot run this input: the kernels take at most 64 query tokens .* got Nq=65"),
         (_bad(kv=torch.randn(2, 9, 32)), ValueError, r"kv must have shape \(B, Nk, 2, D\) with B=2, Nk >= 1, D=32"),
         (_bad(kv=torch.randn(2, 0, 2, 32)), ValueError, r"kv must have shape \(B, Nk, 2, D\)"),
         (_bad(kv=torch.randn(3, 9, 2, 32)), ValueError, r"kv must have shape \(B, Nk, 2, D\) with B=2"),
         (_bad(num_heads=3), ValueError, "num_heads must be an int dividing D=32"),
         (_bad(num_heads=0), ValueError, "num_heads must be an int dividing D=32"),
-        (_bad(num_heads=True), ValueError, "num_heads must be an int dividing D=32 .*, got True"),
-        (_bad(num_heads=2.0), ValueError, r"num_heads must be an int dividing D=32 .*, got 2\.0"),
-        (_bad(x=torch.randn(2, 6, 258), kv=torch.randn(2, 9, 2, 258), num_heads=1), ValueError, "at most 128"),
+        (_bad(num_heads=True), ValueError, "num_heads must be an int dividing D=32, got True"),
+        (_bad(num_heads=2.0), ValueError, r"num_heads must be an int dividing D=32, got 2\.0"),
+        (_bad(**dict(zip(["x", "kv", *NAMES[2:]], _wide((2, 6, 9, 258, 1)))), num_heads=1, impl="native"),
+         ValueError, r"heads of at most 128 channels \(kAttnMaxHeadDim\), got Nq=6, D / num_heads=258"),
         (_bad(q_weight=torch.randn(32, 16)), ValueError,
          r"q_weight must have shape \(D, D\) = \(32, 32\), got \(32, 16\)"),
         (_bad(out_bias=torch.randn(16)), ValueError, r"out_bias must have shape \(D,\) = \(32,\), got \(16,\)"),
@@ -237,7 +245,7 @@ def _bad(**change):
         (_bad(x=torch.ones(2, 6, 32, dtype=torch.int64)), TypeError, "x must be a floating tensor"),
         (_bad(q_bias=[0.0] * 32), TypeError, "q_bias must be a torch.Tensor"),
     ],
-    ids=["2-d-x", "too-many-queries", "3-d-kv", "no-keys", "kv-batch", "heads-not-dividing", "zero-heads",
+    ids=["2-d-x", "too-many-queries-native", "3-d-kv", "no-keys", "kv-batch", "heads-not-dividing", "zero-heads",
          "bool-heads", "float-heads", "head-dim-too-large", "q-weight-shape", "out-bias-shape", "eps", "bool-eps",
          "dtype-mismatch", "int-x", "list-bias"],
 )

@@ -187,7 +187,9 @@ def _bad(**change):
     "call, error, message",
     [
         (_bad(x=torch.randn(6, 32)), ValueError, r"x must have shape \(B, N, D\), got \(6, 32\)"),
-        (_bad(x=torch.randn(1, 33, 32)), ValueError, "1 <= N <= 32 tokens, got N=33"),
+        (_bad(x=torch.randn(1, 33, 32), impl="native"), ValueError,
+         r"impl='native' cannot run this input: the kernels hold at most 32 tokens .* got N=33"),
+        (_bad(x=torch.randn(1, 0, 32)), ValueError, "N >= 1 tokens, got N=0"),
         (_bad(w1=torch.randn(16, 32)), ValueError, r"w1 must have shape \(D, H1\) = \(32, 16\), got \(16, 32\)"),
         # H1 read from w1 alone would blame b1 and w2, which agree on H1 = 16
         (_bad(w1=torch.randn(32, 20)), ValueError, r"w1 must have shape \(D, H1\) = \(32, 16\), got \(32, 20\)"),
@@ -200,7 +202,7 @@ def _bad(**change):
         (_bad(x=torch.ones(2, 6, 32, dtype=torch.int64)), TypeError, "x must be a floating tensor"),
         (_bad(b1=[0.0] * 16), TypeError, "b1 must be a torch.Tensor"),
     ],
-    ids=["2-d-x", "too-many-tokens", "w1-shape", "w1-columns", "w2-columns", "w3-rows", "b1-shape", "b3-shape",
+    ids=["2-d-x", "too-many-tokens-native", "no-tokens", "w1-shape", "w1-columns", "w2-columns", "w3-rows", "b1-shape", "b3-shape",
          "adj-shape", "dtype-mismatch", "int-x", "list-bias"],
 )
 def test_bad_input_errors(call, error, message):

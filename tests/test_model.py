@@ -147,7 +147,6 @@ def test_bad_image_batch():
     (dict(num_experts=2, top_k=3), r"top_k must be in \[1, num_experts=2\], got 3"),
     (dict(num_experts=1, top_k=5), r"top_k must be in \[1, num_experts=1\], got 5"),
     (dict(top_k=True), "top_k must be a positive int, got True"),
-    (dict(num_queries=40), "num_queries must be at most 32"),
     (dict(num_heads=0), "num_heads must be a positive int, got 0"),
     (dict(embed_dim=384.0), r"embed_dim must be a positive int, got 384\.0"),
     (dict(embed_dim=64, num_heads=6), "embed_dim must be divisible by num_heads and 4"),
@@ -157,6 +156,19 @@ def test_bad_image_batch():
 def test_bad_constructor_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny(**kwargs)
+
+
+def test_more_queries_than_the_kernels_hold():
+    """num_queries=40 (the GCN kernels hold 32 tokens): auto runs the composite ops and equals the
+    reference; the native kernels, asked for by name, say their limit."""
+    model = tiny(num_queries=40, depth=1, num_experts=2).eval()
+    reference = tiny(num_queries=40, depth=1, num_experts=2, impl="reference").eval()
+    x = _images(1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], reference(x)[0], atol=1e-5, rtol=1e-5)
+    model.impl = "native"
+    with pytest.raises(ValueError, match=r"impl='native' cannot run this input: .* at most 32 tokens"):
+        model(x)
 
 
 def test_single_expert_keeps_the_authors_default_top_k():

@@ -135,6 +135,19 @@ def choose(op: str, device_type: str, impl: str | None = None) -> tuple[str, str
     return "composite", "; ".join(reasons)
 
 
+def within_limits(op: str, which: str, impl: str | None, beyond: str | None) -> str:
+    """which, the implementation resolve() chose, checked against a kernel's size limit: beyond is None
+    when the input fits the native and Triton kernels, else how it exceeds them. A kernel chosen by
+    "auto" gives way to "composite" (auto runs every size the reference runs); a kernel asked for by
+    name raises a ValueError naming the limit."""
+    if beyond is None or which not in ("native", "triton"):
+        return which
+    if (impl if impl is not None else _default_impl) == "auto":
+        return "composite"
+    raise ValueError(f"lifeiqa_fast.{op}: impl={which!r} cannot run this input: {beyond}; impl='auto' or "
+                     f"'composite' run any size")
+
+
 @torch.compiler.assume_constant_result
 def _chosen(op: str, device_type: str, impl: str | None) -> str:
     # A constant to torch.compile: the choice is made once, at trace time, not traced through.
@@ -205,6 +218,21 @@ def first_order_only(op: str, backward, *inputs, instead: str = 'impl="reference
     if not torch.is_grad_enabled():
         return backward(*inputs)
     return _FirstOrderOnly.apply(op, instead, backward, *inputs)
+
+
+def constant(make, *key) -> torch.Tensor:
+    """make(*key): a tensor that depends only on key (sizes, dtype, device), made once per key and kept,
+    so that a CUDA graph captured after a first call copies nothing from the host (a host-to-device copy
+    cannot be captured); made afresh while torch.compile or torch.export traces, as a constant of the
+    graph (a kept tensor would be one of their fake ones)."""
+    if torch.compiler.is_compiling():
+        return make(*key)
+    return _kept(make, *key)
+
+
+@functools.lru_cache(maxsize=256)
+def _kept(make, *key) -> torch.Tensor:
+    return make(*key)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -15,7 +15,8 @@ from torch import Tensor
 from .. import _ext
 from ..reference import cross_attention_ref
 from ..triton import cross_attention as _triton
-from ._impl import acc_dtype, check_like_x, check_tensors, first_order_only, is_int, linear, resolve
+from ._impl import (acc_dtype, check_like_x, check_tensors, first_order_only, is_int, linear, resolve,
+                    within_limits)
 
 MAX_QUERIES = 64  # csrc/cross_attention.h, kAttnMaxQueries
 MAX_HEAD_DIM = 128  # csrc/cross_attention.h, kAttnMaxHeadDim
@@ -39,7 +40,8 @@ def cross_attention(x: Tensor, kv: Tensor, norm_weight: Tensor, norm_bias: Tenso
     "native", "triton", or None for the process-wide default.
     """
     _check(x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias, num_heads, eps)
-    which = resolve("cross_attention", x, impl)
+    which = within_limits("cross_attention", resolve("cross_attention", x, impl), impl,
+                          _beyond_kernels(x, num_heads))
     args = (norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias)
     if which in ("reference", "composite"):  # the reference is the ATen calls of the module, sync-free already
         return cross_attention_ref(x, kv, *args, num_heads, eps)
@@ -120,14 +122,12 @@ def _check(x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias
     if x.dim() != 3:
         raise ValueError(f"lifeiqa_fast.cross_attention: x must have shape (B, Nq, D), got {tuple(x.shape)}")
     B, Nq, D = x.shape
-    if not 1 <= Nq <= MAX_QUERIES:
-        raise ValueError(f"lifeiqa_fast.cross_attention: x must have 1 <= Nq <= {MAX_QUERIES} query tokens, "
-                         f"got Nq={Nq}")
+    if Nq < 1:
+        raise ValueError(f"lifeiqa_fast.cross_attention: x must have Nq >= 1 query tokens, got Nq={Nq}")
     if not x.is_floating_point():
         raise TypeError(f"lifeiqa_fast.cross_attention: x must be a floating tensor, got {x.dtype}")
-    if D < 1 or not is_int(num_heads) or num_heads < 1 or D % num_heads or D // num_heads > MAX_HEAD_DIM:
-        raise ValueError(f"lifeiqa_fast.cross_attention: num_heads must be an int dividing D={D} into heads of "
-                         f"at most {MAX_HEAD_DIM} channels, got {num_heads!r}")
+    if D < 1 or not is_int(num_heads) or num_heads < 1 or D % num_heads:
+        raise ValueError(f"lifeiqa_fast.cross_attention: num_heads must be an int dividing D={D}, got {num_heads!r}")
     _check_eps("cross_attention", eps)
     if kv.dim() != 4 or kv.shape[0] != B or kv.shape[1] < 1 or kv.shape[2] != 2 or kv.shape[3] != D:
         raise ValueError(f"lifeiqa_fast.cross_attention: kv must have shape (B, Nk, 2, D) with B={B}, Nk >= 1, "
@@ -135,6 +135,15 @@ def _check(x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias
     vector, matrix = ("(D,)", (D,)), ("(D, D)", (D, D))
     check_like_x("cross_attention", x, tensors, dict(norm_weight=vector, norm_bias=vector, q_weight=matrix,
                                                      q_bias=vector, out_weight=matrix, out_bias=vector))
+
+
+def _beyond_kernels(x: Tensor, num_heads: int) -> str | None:
+    """How x exceeds the native and Triton kernels' limits (csrc/cross_attention.h), or None."""
+    Nq, head_dim = x.shape[1], x.shape[2] // num_heads
+    if Nq > MAX_QUERIES or head_dim > MAX_HEAD_DIM:
+        return (f"the kernels take at most {MAX_QUERIES} query tokens (kAttnMaxQueries) and heads of at most "
+                f"{MAX_HEAD_DIM} channels (kAttnMaxHeadDim), got Nq={Nq}, D / num_heads={head_dim}")
+    return None
 
 
 def _check_eps(op: str, eps) -> None:

@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import _ext
 from ..reference import fixed_adjacency, gcn_ref
 from ..triton import gcn as _triton
-from ._impl import agreed_size, check_like_x, check_tensors, resolve
+from ._impl import agreed_size, check_like_x, check_tensors, constant, resolve, within_limits
 
 MAX_TOKENS = 32  # the kernels hold one accumulator per token (csrc/gcn.h, kGcnMaxTokens)
 
@@ -31,9 +31,14 @@ def gcn(x: Tensor, adj: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: T
     default.
     """
     _check(x, adj, w1, b1, w2, b2, w3, b3)
-    which = resolve("gcn", x, impl)
-    if which in ("reference", "composite"):  # the reference is ATen ops without host synchronisation already
+    beyond = (f"the kernels hold at most {MAX_TOKENS} tokens per image (csrc/gcn.h, kGcnMaxTokens), got "
+              f"N={x.shape[1]}") if x.shape[1] > MAX_TOKENS else None
+    which = within_limits("gcn", resolve("gcn", x, impl), impl, beyond)
+    if which == "reference":
         a = adj if adj is not None else fixed_adjacency(x.shape[1], x.dtype, x.device)
+        return gcn_ref(x, a, w1, b1, w2, b2, w3, b3)
+    if which == "composite":  # the reference's ATen ops (no host synchronisation), the fixed graph made once
+        a = adj if adj is not None else constant(fixed_adjacency, x.shape[1], x.dtype, x.device)
         return gcn_ref(x, a, w1, b1, w2, b2, w3, b3)
     op = torch.ops.lifeiqa_fast.gcn if which == "native" else gcn_triton
     return op(x, adj, w1, b1, w2, b2, w3, b3)[0]
@@ -45,8 +50,8 @@ def _check(x, adj, w1, b1, w2, b2, w3, b3) -> None:
     if x.dim() != 3:
         raise ValueError(f"lifeiqa_fast.gcn: x must have shape (B, N, D), got {tuple(x.shape)}")
     B, N, D = x.shape
-    if not 1 <= N <= MAX_TOKENS:
-        raise ValueError(f"lifeiqa_fast.gcn: x must have 1 <= N <= {MAX_TOKENS} tokens, got N={N}")
+    if N < 1:
+        raise ValueError(f"lifeiqa_fast.gcn: x must have N >= 1 tokens, got N={N}")
     if not x.is_floating_point():
         raise TypeError(f"lifeiqa_fast.gcn: x must be a floating tensor, got {x.dtype}")
     # H1 and H2 as most of the tensors holding them say, so that the error names the one that disagrees

@@ -7,15 +7,13 @@ reference in lifeiqa_fast/reference.py (grid_pool_ref).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from .. import _ext
 from ..reference import grid_pool_ref
 from ..triton import grid_pool as _triton
-from ._impl import acc_dtype, is_int, resolve
+from ._impl import acc_dtype, constant, is_int, resolve
 
 _LAYOUTS = ("nhwc", "nchw")
 
@@ -60,32 +58,20 @@ def grid_pool(x: Tensor, grid: int = 7, layout: str = "nhwc", impl: str | None =
 
 def grid_pool_composite(x: Tensor, grid: int) -> Tensor:
     """The composite implementation: x (B, H, W, C), any strides -> (B, grid * grid, C) as one GEMM with
-    a constant pooling matrix (pooling_matrix), in float32 (float64 for float64), x's dtype out. No
+    a constant pooling matrix (pooling_matrix, made once: _impl.constant), in float32 (float64 for float64), x's dtype out. No
     host synchronisation, static shapes; differentiable to any order by autograd."""
     B, H, W, C = x.shape
-    pool = pooling_matrix(H, W, grid, x.device, acc_dtype(x.dtype))
+    pool = constant(pooling_matrix, H, W, grid, x.device, acc_dtype(x.dtype))
     return torch.matmul(pool, x.reshape(B, H * W, C).to(pool.dtype)).to(x.dtype)
 
 
 def pooling_matrix(height: int, width: int, grid: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """(grid * grid, H * W): row i * grid + j holds 1 / count on the cells of bin (i, j), 0 elsewhere; the
-    bin edges torch.linspace's (bin_edges). Made once per shape, device and dtype, so that a CUDA graph
-    captured after a first call copies nothing to the device; a constant of the graph when traced by
-    torch.compile or torch.export (a cached tensor would be one of their fake ones). Example: H = W = 2,
-    grid = 1 gives [[0.25, 0.25, 0.25, 0.25]]."""
-    if torch.compiler.is_compiling():
-        return _pooling_matrix(height, width, grid, device, dtype)
-    return _cached_pooling_matrix(height, width, grid, device, dtype)
-
-
-def _pooling_matrix(height: int, width: int, grid: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    bin edges torch.linspace's (bin_edges). Example: H = W = 2, grid = 1 gives [[0.25, 0.25, 0.25, 0.25]]."""
     rows = _bin_indicator(height, grid)  # (grid, H)
     cols = _bin_indicator(width, grid)  # (grid, W)
     cells = (rows[:, None, :, None] * cols[None, :, None, :]).reshape(grid * grid, height * width)
     return (cells / cells.sum(dim=1, keepdim=True)).to(device=device, dtype=dtype)
-
-
-_cached_pooling_matrix = functools.lru_cache(maxsize=64)(_pooling_matrix)
 
 
 def bin_edges(n: int, grid: int) -> list[int]:

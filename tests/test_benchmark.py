@@ -34,8 +34,8 @@ def test_quick_benchmark_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = {(r["op"], r["impl"]): r for r in json.loads(out.read_text())["results"]}
     # Triton runs on CPU tensors only interpreted: never timed (conftest sets TRITON_INTERPRET=1).
-    assert set(rows) == {("grid_pool", i) for i in ("eager", "compile", "native", "triton")} | {
-        ("head", i) for i in ("eager", "compile", "optimized")}
+    assert set(rows) == {("grid_pool", i) for i in ("eager", "compile", "composite", "native", "triton")} | {
+        ("head", i) for i in ("eager", "compile", "optimized", "composite")}
     assert rows[("grid_pool", "triton")]["status"].startswith("n/a") and "median_ms" not in rows[("grid_pool", "triton")]
     for op in ("grid_pool", "head"):
         eager, compiled = rows[(op, "eager")], rows[(op, "compile")]

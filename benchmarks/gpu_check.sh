@@ -6,7 +6,7 @@
 # For a lent GPU machine (16 cores, torch, CUDA, Triton, timm and pytest preinstalled, no network).
 # OUTDIR receives gpu_check.md and gpu_check.json (the summary and the GPU validation records of every
 # CUDA/Triton kernel whose tests passed), build.log, pytest.log, junit.xml, bench.md, bench.json,
-# bench_scorer.md, bench_scorer.json.
+# bench_model.md, bench_model.json, bench_scorer.md, bench_scorer.json.
 # Commit the report under benchmarks/results/ and accept its validation records with
 #   python benchmarks/gpu_report.py --accept benchmarks/results/<report>.json
 set -uo pipefail
@@ -36,6 +36,16 @@ log "benchmarking"
 start=$SECONDS
 timeout 180 "$PY" benchmarks/run.py --device cuda,cpu --quick --json "$OUTDIR/bench.json" --markdown "$OUTDIR/bench.md" 2>&1 | tail -40
 log "benchmark took $((SECONDS - start)) s"
+
+# The head and the whole model as GPU users run them today: the reference (eager), auto, the composite
+# ops eager and replayed as a CUDA graph, in fp32 and bf16 at batch 1 and 64. torch.compile rows (of the
+# reference and of the composite model) are left out for time, as below.
+log "benchmarking the head and the model (composite, CUDA graphs)"
+start=$SECONDS
+timeout 150 "$PY" benchmarks/run.py --device cuda --ops head,model --batch 1,64 --dtype fp32,bf16 \
+  --impl eager,optimized,composite,composite-graph \
+  --json "$OUTDIR/bench_model.json" --markdown "$OUTDIR/bench_model.md" 2>&1 | tail -20
+log "head/model benchmark took $((SECONDS - start)) s"
 
 # The whole model on the GPU: the official fp32 model (and under fp16 autocast) against the Scorer, at
 # batch 1 and 64. torch.compile rows are left out here (a Swin-B compile takes about a minute per batch);

@@ -69,9 +69,11 @@ def summarise(outdir: pathlib.Path) -> dict:
     failed = [k for k, v in outcomes.items() if v == "failed"]
     if failed:
         lines += ["", "Failed tests:", ""] + [f"- `{k}`" for k in failed]
-    bench = outdir / "bench.md"
-    if bench.exists():
-        lines += ["", "## Benchmark (benchmarks/run.py --quick)", "", bench.read_text()]
+    for name, title in (("bench.md", "Benchmark (benchmarks/run.py --quick)"),
+                        ("bench_model.md", "Head and model: composite, CUDA graphs"),
+                        ("bench_scorer.md", "Scorer")):
+        if (outdir / name).exists():
+            lines += ["", f"## {title}", "", (outdir / name).read_text()]
     (outdir / "gpu_check.md").write_text("\n".join(lines) + "\n")
     return report
 

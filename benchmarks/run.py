@@ -242,7 +242,9 @@ def _moe_build(impl: str, device: torch.device, dtype: torch.dtype):
 # MODEL_IMPLS: our implementations of it by label, as LifeIQA arguments (an impl="auto" LifeIQA is
 # what lifeiqa_fast.optimize makes of the authors' model); eager is impl="reference".
 MODEL_CONFIG = dict(num_experts=8, top_k=2, depth=4)
-MODEL_IMPLS = {"optimized": dict(impl="auto"), "composite": dict(impl="composite")}
+MODEL_IMPLS = {"optimized": dict(impl="auto"), "composite": dict(impl="composite"),
+               "composite-compile": dict(impl="composite"), "composite-graph": dict(impl="composite")}
+# "-compile": torch.compile(fullgraph=True) of it; "-graph": replayed as a CUDA graph (CUDA, forward rows)
 
 
 @functools.lru_cache(maxsize=None)
@@ -260,9 +262,33 @@ def _lifeiqa(impl: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Mo
 
 def _lifeiqa_build(impl, device, dtype, head: bool):
     """forward_head and the head's parameters, or the model and all of them."""
+    if impl.endswith("-graph") and device.type != "cuda":
+        raise Unavailable("n/a (CUDA graphs: CUDA only)")
     model = _lifeiqa(impl, device, dtype)
     backbone = {id(p) for p in model.pretrain_model.parameters()} if head else set()
-    return model.forward_head if head else model, tuple(p for p in model.parameters() if id(p) not in backbone)
+    fn = model.forward_head if head else model
+    if impl.endswith("-compile"):
+        torch._dynamo.reset()
+        fn = torch.compile(fn, fullgraph=True, dynamic=False)
+    elif impl.endswith("-graph"):
+        fn = _graphed(fn)
+    return fn, tuple(p for p in model.parameters() if id(p) not in backbone)
+
+
+def _graphed(fn):
+    """fn replayed as a CUDA graph (lifeiqa_fast.scorer.CudaGraph), one per set of input shapes; forward
+    rows only (a replay records no autograd)."""
+    graphs = {}
+
+    def run(*args):
+        if torch.is_grad_enabled():
+            raise Unavailable("n/a (forward only: a CUDA graph replay records no autograd)")
+        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        if key not in graphs:
+            graphs[key] = lifeiqa_fast.scorer.CudaGraph(fn, *args)
+        return graphs[key](*args)
+
+    return run
 
 
 # The scorer rows: images in [0, 1] to one score each, by the authors' model in fp32 (eager, and

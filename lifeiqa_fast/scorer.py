@@ -277,29 +277,32 @@ class GraphCaptureError(RuntimeError):
     """The model cannot run as a CUDA graph."""
 
 
-class _CudaGraph:
-    """fn replayed as one CUDA graph for one input shape: warmed up on a side stream, then captured.
-    Raises GraphCaptureError if fn cannot be captured (a host sync in it, for one)."""
+class CudaGraph:
+    """fn replayed as one CUDA graph for one set of input shapes: warmed up on a side stream, then
+    captured. fn takes tensors and returns a tensor or a tuple of them. Raises GraphCaptureError if fn
+    cannot be captured (a host sync in it, for one)."""
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], example: Tensor):
-        self.input = example.clone()
+    def __init__(self, fn: Callable[..., Tensor | tuple[Tensor, ...]], *examples: Tensor):
+        self.inputs = tuple(x.clone() for x in examples)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):  # lazy inits, cached folded weights, kernel selection: none may be captured
-                fn(self.input)
+                fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(self.graph):
-                self.output = fn(self.input)
+                self.output = fn(*self.inputs)
         except RuntimeError as exc:
             raise GraphCaptureError(str(exc)) from exc
 
-    def __call__(self, x: Tensor) -> Tensor:
-        self.input.copy_(x)
+    def __call__(self, *xs: Tensor) -> Tensor | tuple[Tensor, ...]:
+        for static, x in zip(self.inputs, xs, strict=True):
+            static.copy_(x)
         self.graph.replay()
-        return self.output.clone()  # the next replay overwrites self.output
+        # clones: the next replay overwrites self.output
+        return tuple(o.clone() for o in self.output) if isinstance(self.output, tuple) else self.output.clone()
 
 
 class Scorer:
@@ -404,7 +407,7 @@ class Scorer:
         with torch.cuda.device(self.device):
             if self._graph is None:
                 try:
-                    self._graph = _CudaGraph(self._scores, padded)
+                    self._graph = CudaGraph(self._scores, padded)
                 except GraphCaptureError as exc:
                     warnings.warn(f"lifeiqa_fast.Scorer: the model cannot run as a CUDA graph, running it eagerly "
                                   f"(impl={self.model.impl!r}; the reference ops, which impl='auto' runs on GPUs "

@@ -35,13 +35,14 @@ def test_quick_benchmark_runs(tmp_path):
     rows = {(r["op"], r["impl"]): r for r in json.loads(out.read_text())["results"]}
     # Triton runs on CPU tensors only interpreted: never timed (conftest sets TRITON_INTERPRET=1).
     assert set(rows) == {("grid_pool", i) for i in ("eager", "compile", "composite", "native", "triton")} | {
-        ("head", i) for i in ("eager", "compile", "optimized", "composite")}
+        ("head", i) for i in ("eager", "compile", "optimized", "composite", "composite-compile", "composite-graph")}
+    assert rows[("head", "composite-graph")]["status"] == "n/a (CUDA graphs: CUDA only)"
     assert rows[("grid_pool", "triton")]["status"].startswith("n/a") and "median_ms" not in rows[("grid_pool", "triton")]
     for op in ("grid_pool", "head"):
         eager, compiled = rows[(op, "eager")], rows[(op, "compile")]
         assert compiled["compile_s"] > 0 and compiled["graphs"] >= 1
         for (row_op, impl), r in rows.items():
-            if row_op != op or impl == "triton":
+            if row_op != op or impl in ("triton", "composite-graph"):
                 continue
             assert (r["device"], r["dtype"], r["batch"], r["direction"]) == ("cpu", "fp32", 1, "forward")
             assert r["status"] == "ok" and r["max_err"] < 1e-5, r

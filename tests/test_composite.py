@@ -92,6 +92,21 @@ def test_whole_model(impl):
         torch.testing.assert_close(compiled(x), reference(x), atol=1e-4, rtol=1e-4)
 
 
+def test_optimized_authors_model():
+    """optimize(the authors' Life_models, impl="composite"): no host synchronisation either, and their
+    scores."""
+    from test_optimize import authors_model
+
+    theirs = authors_model(num_experts=4, depth=2).eval()
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = theirs(x)[0]
+    ours = lifeiqa_fast.optimize(theirs, impl="composite")
+    assert host_syncs(ours, (x,)) == []
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], want, atol=1e-5, rtol=1e-5)
+
+
 def test_gcn_and_attention_composites_are_the_reference():
     """Their reference is ATen ops without host synchronisation already (bmm; scaled_dot_product_attention):
     composite runs it, bit for bit."""

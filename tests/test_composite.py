@@ -134,7 +134,7 @@ def test_python_limits_are_the_kernels():
     import pathlib
     import re
 
-    gcn_module = importlib.import_module("lifeiqa_fast.ops.gcn")  # lifeiqa_fast.ops.gcn is also the function
+    gcn_module = importlib.import_module("lifeiqa_fast.ops.gcn")  # (the package attribute gcn is the function)
     attention_module = importlib.import_module("lifeiqa_fast.ops.cross_attention")
 
     csrc = pathlib.Path(__file__).resolve().parents[1] / "csrc"

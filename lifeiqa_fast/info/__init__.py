@@ -12,8 +12,16 @@ import torch
 from .. import _ext
 from .._version import __version__
 from ..ops._impl import choose, triton_status, validation
+from ..ops.cross_attention import MAX_HEAD_DIM, MAX_QUERIES
+from ..ops.gcn import MAX_TOKENS
 
 OPS = ("grid_pool", "gcn", "cross_attention", "moe")
+
+
+def _kernel_limits() -> dict[str, str]:
+    """Per op, the sizes its native and Triton kernels take (beyond them auto runs the composite ops)."""
+    return {"gcn": f"at most {MAX_TOKENS} tokens per image",
+            "cross_attention": f"at most {MAX_QUERIES} query tokens, heads of at most {MAX_HEAD_DIM} channels"}
 
 
 def _version(module: str) -> str | None:
@@ -51,7 +59,8 @@ def info() -> dict:
         for device in devices:
             impl, reason = choose(op, device, "auto")
             auto[device] = {"impl": impl, "reason": reason}
-        ops[op] = {"kernels": kernels, "gpu_validation": validated, "auto": auto}
+        ops[op] = {"kernels": kernels, "gpu_validation": validated, "auto": auto,
+                   "kernel_limits": _kernel_limits().get(op)}
     return {
         "versions": {
             "lifeiqa_fast": __version__,
@@ -95,4 +104,6 @@ def format_info(report: dict) -> str:
             lines.append(f"    {backend} kernel: {status}")
         for device, choice in entry["auto"].items():
             lines.append(f"    auto on {device}: {choice['impl']} ({choice['reason']})")
+        if entry["kernel_limits"]:
+            lines.append(f"    kernel limits: {entry['kernel_limits']} (beyond them auto runs composite)")
     return "\n".join(lines)

@@ -542,7 +542,8 @@ def _train(config: TrainConfig, out: Path, resume: bool, run_id: str) -> dict:
         if rank == 0:
             save_split(run_dir / "split.csv", train_records, test_records, root=config.root)
         runs.append(train_run(config, train_records, test_records, run_dir, run, resume, run_id))
-    summary = {"run_id": run_id, "config": asdict(config), "runs": [{k: v for k, v in r.items() if k != "history"} for r in runs]}
+    summary = {"run_id": run_id, "config": asdict(config),
+               "runs": [{k: v for k, v in r.items() if k != "history"} for r in runs]}
     # the authors' numbers (their "Max SRCC", "Max PLCC"), then the last epoch's, each a median over runs
     summary["median_best_srcc"] = statistics.median(r["max_srcc"] for r in runs)
     summary["median_best_plcc"] = statistics.median(r["max_plcc"] for r in runs)

@@ -202,7 +202,8 @@ def _bad(**change):
         (_bad(x=torch.ones(2, 6, 32, dtype=torch.int64)), TypeError, "x must be a floating tensor"),
         (_bad(b1=[0.0] * 16), TypeError, "b1 must be a torch.Tensor"),
     ],
-    ids=["2-d-x", "too-many-tokens-native", "no-tokens", "w1-shape", "w1-columns", "w2-columns", "w3-rows", "b1-shape", "b3-shape",
+    ids=["2-d-x", "too-many-tokens-native", "no-tokens",
+         "w1-shape", "w1-columns", "w2-columns", "w3-rows", "b1-shape", "b3-shape",
          "adj-shape", "dtype-mismatch", "int-x", "list-bias"],
 )
 def test_bad_input_errors(call, error, message):

@@ -33,7 +33,8 @@ def _malicious(path, payload):
 
 @pytest.mark.parametrize("make, named", [
     (lambda tmp: Payload(os.system, f"touch {tmp / 'ran'}"), "system"),
-    (lambda tmp: Payload(subprocess.call, ["touch", str(tmp / "ran")]), "call"),  # (protocol 2 names it by its Python 2 module)
+    # (pickle protocol 2 names subprocess.call by its Python 2 module)
+    (lambda tmp: Payload(subprocess.call, ["touch", str(tmp / "ran")]), "call"),
     (lambda tmp: Payload(np.savetxt, str(tmp / "ran"), [1.0]), "numpy.savetxt"),
     (lambda tmp: Payload(np.save, str(tmp / "ran"), [1.0]), "numpy.save"),
     (lambda tmp: Payload(importlib.import_module, "this"), "importlib.import_module"),

@@ -58,8 +58,8 @@ def grid_pool(x: Tensor, grid: int = 7, layout: str = "nhwc", impl: str | None =
 
 def grid_pool_composite(x: Tensor, grid: int) -> Tensor:
     """The composite implementation: x (B, H, W, C), any strides -> (B, grid * grid, C) as one GEMM with
-    a constant pooling matrix (pooling_matrix, made once: _impl.constant), in float32 (float64 for float64), x's dtype out. No
-    host synchronisation, static shapes; differentiable to any order by autograd."""
+    a constant pooling matrix (pooling_matrix, made once: _impl.constant), in float32 (float64 for
+    float64), x's dtype out. No host synchronisation, static shapes; differentiable to any order."""
     B, H, W, C = x.shape
     pool = constant(pooling_matrix, H, W, grid, x.device, acc_dtype(x.dtype))
     return torch.matmul(pool, x.reshape(B, H * W, C).to(pool.dtype)).to(x.dtype)

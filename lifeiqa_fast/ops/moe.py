@@ -34,7 +34,7 @@ def moe(x: Tensor, router_weight: Tensor, router_bias: Tensor, w1: Tensor, b1: T
     for fp64). dropout_mask: None, or (T, top_k, F) of x's dtype multiplied into the hidden layer of
     each chosen expert (training: bernoulli(1 - p) / (1 - p)). All tensors of x's dtype and device.
     Differentiable in x and every weight, once (the fused backward is not differentiable: a second
-    differentiation through it raises a RuntimeError; impl="reference" supports it); aux's gradient
+    differentiation through it raises a RuntimeError; impl="reference" and "composite" support it); aux's gradient
     flows only through the gates.
     """
     _check(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask)

@@ -156,13 +156,29 @@ def _check_image(image, name: str) -> None:
                              f"got {image.dtype}")
         why = _size_problem(*image.shape[1:])
         if why is None and image.is_floating_point():
-            lo, hi = torch.aminmax(image.detach())
-            why = _range_problem(lo.item(), hi.item(), FLOAT_KIND, 1, FLOAT_SLACK)
+            why = _range_problem(*_value_range(image), FLOAT_KIND, 1, FLOAT_SLACK)
     else:
         raise TypeError(f"lifeiqa_fast: {name}: an image must be a path, PIL image, numpy array or tensor, "
                         f"got {type(image).__name__}")
     if why is not None:
         raise ValueError(f"lifeiqa_fast: {name} {why}")
+
+
+def _value_range(t: Tensor) -> tuple[float, float]:
+    """(min, max) of a tensor's values, in one copy to the host."""
+    return tuple(torch.stack(torch.aminmax(t.detach())).tolist())
+
+
+def _check_batch(images: Tensor) -> None:
+    """_check_image for each image of a (B, 3, H, W) batch, B >= 1, with the values' range read for the
+    whole batch at once (a host sync per image would stall a GPU): the image out of range is looked
+    for, and named, only when the batch's range is."""
+    if images.shape[0] == 0:
+        raise ValueError("lifeiqa_fast.Scorer: the image batch is empty")
+    _check_image(images[0], "images[0]")  # shape, dtype and size: the same for every image
+    if images.is_floating_point() and _range_problem(*_value_range(images), FLOAT_KIND, 1, FLOAT_SLACK):
+        for i, image in enumerate(images):
+            _check_image(image, f"images[{i}]")
 
 
 def load_image(path: str | os.PathLike):
@@ -508,14 +524,12 @@ class Scorer:
         return [FileScore(p, None if e else float(s), e) for p, s, e in zip(files, scores.tolist(), errors)]
 
     def __call__(self, images) -> Tensor:
-        if isinstance(images, Tensor) and images.dim() == 4:
-            if images.shape[0] == 0:
-                raise ValueError("lifeiqa_fast.Scorer: the image batch is empty")
-            named = [(f"images[{i}]", image) for i, image in enumerate(images)]
-        elif isinstance(images, Tensor) or not isinstance(images, (list, tuple)):
-            named = [("images", images)]
-        else:
-            named = [(f"images[{i}]", image) for i, image in enumerate(images)]
+        batch = isinstance(images, Tensor) and images.dim() == 4
+        if batch:
+            _check_batch(images)
+            images = list(images)
+        named = ([(f"images[{i}]", image) for i, image in enumerate(images)] if isinstance(images, (list, tuple))
+                 else [("images", images)])
         # paths, folders and globs expand to their files (a missing one raises FileNotFoundError); the
         # in-memory images are checked here, all before any is scored
         images = []
@@ -523,7 +537,8 @@ class Scorer:
             if isinstance(image, (str, os.PathLike)):
                 images += find_images(image)
             else:
-                _check_image(image, name)
+                if not batch:  # a batch's images were checked together
+                    _check_image(image, name)
                 images.append(image)
         if not images:
             raise ValueError("lifeiqa_fast.Scorer: no images given")

@@ -92,7 +92,7 @@ def read_config_file(path) -> dict:
 
 
 # The int settings and their least value (limit: None, or at least 1).
-POSITIVE_SETTINGS = dict(batch_size=1, patch_num=1, num_experts=1, top_k=1, depth=1, decay_epochs=1, epochs=1,
+INT_SETTINGS = dict(batch_size=1, patch_num=1, num_experts=1, top_k=1, depth=1, decay_epochs=1, epochs=1,
                          warmup_epochs=0, repeats=1, split_seed=0, seed=0, workers=0, limit=1)
 
 
@@ -148,7 +148,7 @@ class TrainConfig:
         if config.resize not in ("auto", "aspect", "none") or config.test_crops not in ("grid", "official"):
             raise ValueError(f"lifeiqa_fast.train: resize must be auto, aspect or none and test_crops grid or "
                              f"official, got {config.resize!r}, {config.test_crops!r}")
-        for name, least in POSITIVE_SETTINGS.items():
+        for name, least in INT_SETTINGS.items():
             value = getattr(config, name)
             if (value is not None or name != "limit") and (type(value) is not int or value < least):
                 raise ValueError(f"lifeiqa_fast.train: {name} must be an int >= {least}, got {value!r}")
@@ -532,8 +532,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, run_id: str) -> dict:
         splits = [load_split(config.split, root=config.root)]
     else:
         splits = list(repeated_splits(records, config.repeats, config.split_seed))
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # (out made by _locked)
         (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
     runs = []
     for run, (train_records, test_records) in enumerate(splits):

@@ -34,10 +34,7 @@ def gcn(x: Tensor, adj: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: T
     beyond = (f"the kernels hold at most {MAX_TOKENS} tokens per image (csrc/gcn.h, kGcnMaxTokens), got "
               f"N={x.shape[1]}") if x.shape[1] > MAX_TOKENS else None
     which = within_limits("gcn", resolve("gcn", x, impl), impl, beyond)
-    if which == "reference":
-        a = adj if adj is not None else fixed_adjacency(x.shape[1], x.dtype, x.device)
-        return gcn_ref(x, a, w1, b1, w2, b2, w3, b3)
-    if which == "composite":  # the reference's ATen ops (no host synchronisation), the fixed graph made once
+    if which in ("reference", "composite"):  # composite: the reference's ATen ops have no host sync already
         a = adj if adj is not None else constant(fixed_adjacency, x.shape[1], x.dtype, x.device)
         return gcn_ref(x, a, w1, b1, w2, b2, w3, b3)
     op = torch.ops.lifeiqa_fast.gcn if which == "native" else gcn_triton

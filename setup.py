@@ -56,23 +56,34 @@ def _kernel_source_hashes():
         op = os.path.splitext(os.path.basename(cu))[0]
         h = hashlib.sha256()
         for path in [cu, *sorted(glob.glob(f"kernels/{op}.cuh")), *sorted(glob.glob(f"csrc/{op}.h")),
-                     "kernels/warp.cuh"]:
+                     "kernels/common.cuh"]:
             with open(path, "rb") as f:
                 h.update(f.read())
         hashes[op] = h.hexdigest()
     return hashes
 
 
-with open(os.path.join(HERE, "lifeiqa_fast", "_build_info.json"), "w") as f:
-    json.dump(
-        {
-            "cuda": with_cuda,
-            "cuda_arch_list": os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None,
-            "cuda_sources": _kernel_source_hashes() if with_cuda else {},
-        },
-        f,
-        indent=1,
-    )
+
+def _write_build_info_header():
+    """build/generated/lifeiqa_fast_build_info.h: the kernel source hashes and architectures as a string
+    constant compiled into _C (csrc/library.cpp, op build_info), so that what a GPU validation record
+    names is what the loaded binary holds: a failed rebuild leaves the old _C with its own record.
+    Rewritten only when it changes (a new mtime would recompile library.cpp)."""
+    info = json.dumps({"cuda": with_cuda,
+                       "cuda_arch_list": os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None,
+                       "cuda_sources": _kernel_source_hashes() if with_cuda else {}}, sort_keys=True)
+    text = ("// Written by setup.py: what this build of _C was compiled from. Not to be edited.\n"
+            f'#define LIFEIQA_FAST_BUILD_INFO R"json({info})json"\n')
+    folder = os.path.join(HERE, "build", "generated")
+    path = os.path.join(folder, "lifeiqa_fast_build_info.h")
+    os.makedirs(folder, exist_ok=True)
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
+    return folder
+
+
+generated_include = _write_build_info_header()
 
 # -fopenmp: at::parallel_for, compiled into _C, is parallel only when built with OpenMP (torch's own
 # libgomp serves it at run time).
@@ -81,7 +92,7 @@ Extension = CUDAExtension if with_cuda else CppExtension
 ext = Extension(
     "lifeiqa_fast._C",
     cpp_sources + cuda_sources,
-    include_dirs=[os.path.join(HERE, "csrc")],
+    include_dirs=[os.path.join(HERE, "csrc"), generated_include],
     extra_compile_args=extra_compile_args if with_cuda else {"cxx": extra_compile_args["cxx"]},
     extra_link_args=["-fopenmp"],
     py_limited_api=True,

@@ -1,6 +1,6 @@
 """Summarise a gpu_check.sh run, and accept its GPU validation records.
 
-  python benchmarks/gpu_report.py OUTDIR          # writes OUTDIR/gpu_check.{md,json} from junit.xml etc.
+  python benchmarks/gpu_report.py OUTDIR          # writes OUTDIR/gpu_check.{md,json} from junit_*.xml etc.
   python benchmarks/gpu_report.py --accept REPORT.json   # adds its records to lifeiqa_fast/validation.json
 
 A kernel (op, backend) is validated when its GPU tests ran and all passed: the tests whose id holds
@@ -19,12 +19,12 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 VALIDATION = ROOT / "lifeiqa_fast" / "validation.json"
 
 
-def _test_outcomes(junit: pathlib.Path) -> dict[str, str]:
-    """test id ("tests/test_x.py::name[params]") -> passed / failed / skipped."""
+def _test_outcomes(outdir: pathlib.Path) -> dict[str, str]:
+    """test id ("tests/test_x.py::name[params]") -> passed / failed / skipped, from every junit*.xml in
+    outdir (gpu_check.sh writes one per pytest process; a process cut by its time limit leaves none)."""
     outcomes = {}
-    if not junit.exists():
-        return outcomes
-    for case in ET.parse(junit).getroot().iter("testcase"):
+    cases = [c for junit in sorted(outdir.glob("junit*.xml")) for c in ET.parse(junit).getroot().iter("testcase")]
+    for case in cases:
         module = case.get("classname", "").replace(".", "/") + ".py"
         status = "passed"
         for child in case:
@@ -42,7 +42,7 @@ def summarise(outdir: pathlib.Path) -> dict:
     from lifeiqa_fast.info import OPS, format_info, info
     from lifeiqa_fast.ops._impl import source_hash
 
-    outcomes = _test_outcomes(outdir / "junit.xml")
+    outcomes = _test_outcomes(outdir)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     today = datetime.date.today().isoformat()
     records, kernels = [], []
@@ -58,10 +58,16 @@ def summarise(outdir: pathlib.Path) -> dict:
                                     torch=torch.__version__, cuda=torch.version.cuda))
     totals = {s: sum(v == s for v in outcomes.values()) for s in ("passed", "failed", "skipped")}
     report = dict(date=today, gpu=gpu, tests=totals, kernels=kernels, records=records)
+    steps_file = outdir / "steps.txt"  # gpu_check.sh: "name exit-status seconds" per step
+    steps = [line.split() for line in steps_file.read_text().splitlines()] if steps_file.exists() else []
+    report["steps"] = {name: {"exit": rc, "seconds": int(sec)} for name, rc, sec in steps}
     (outdir / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
 
-    lines = [f"# GPU check {today}: {gpu}", "", "## Build and environment", "", "```",
-             format_info(info()), "```", "", "## Tests", "",
+    built = (outdir / "info.txt").read_text().rstrip() if (outdir / "info.txt").exists() else format_info(info())
+    lines = [f"# GPU check {today}: {gpu}", "", "## Steps", "", "| step | exit status | seconds |", "|---|---|---|"]
+    lines += [f"| {name} | {'cut at its time limit' if rc in ('124', '137') else rc} | {sec} |"
+              for name, rc, sec in steps]
+    lines += ["", "## Build and environment", "", "```", built, "```", "", "## Tests", "",
              f"{totals['passed']} passed, {totals['failed']} failed, {totals['skipped']} skipped", "",
              "| op | backend | GPU tests run | failed | validated |", "|---|---|---|---|---|"]
     lines += [f"| {k['op']} | {k['backend']} | {k['tests_run']} | {k['failed']} | {'yes' if k['validated'] else 'NO'} |"
@@ -70,8 +76,7 @@ def summarise(outdir: pathlib.Path) -> dict:
     if failed:
         lines += ["", "Failed tests:", ""] + [f"- `{k}`" for k in failed]
     for name, title in (("bench.md", "Benchmark (benchmarks/run.py --quick)"),
-                        ("bench_model.md", "Head and model: composite, CUDA graphs"),
-                        ("bench_scorer.md", "Scorer")):
+                        ("bench_model.md", "Head and model: composite, CUDA graphs")):
         if (outdir / name).exists():
             lines += ["", f"## {title}", "", (outdir / name).read_text()]
     (outdir / "gpu_check.md").write_text("\n".join(lines) + "\n")

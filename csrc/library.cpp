@@ -3,7 +3,18 @@
 // fake (meta) implementations are registered from Python, in lifeiqa_fast/ops/<op>.py.
 #include <torch/library.h>
 
+#include <string>
+
+#if __has_include("lifeiqa_fast_build_info.h")
+#include "lifeiqa_fast_build_info.h"  // written by setup.py into build/generated
+#else
+#define LIFEIQA_FAST_BUILD_INFO "{}"  // built without setup.py (CMake): no record of the sources
+#endif
+
 TORCH_LIBRARY(lifeiqa_fast, m) {
+  // JSON: {"cuda": compiled with the CUDA kernels, "cuda_arch_list": TORCH_CUDA_ARCH_LIST, "cuda_sources":
+  // {op: sha256 of its CUDA sources}}, fixed when this binary was compiled (setup.py).
+  m.def("build_info() -> str", []() -> std::string { return LIFEIQA_FAST_BUILD_INFO; });
   // x: (B, H, W, C), any strides (an NCHW tensor permuted to NHWC is read in place).
   // Returns (B, grid * grid, C): the mean of x over each UPP bin, bins row-major.
   m.def("grid_pool(Tensor x, int grid) -> Tensor");

@@ -15,7 +15,7 @@
 #include <torch/library.h>
 
 #include "cross_attention.h"
-#include "warp.cuh"
+#include "common.cuh"
 
 namespace lifeiqa_fast {
 namespace {
@@ -237,14 +237,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = threadIdx.x; i < rows * D; i += blockDim.x) out[base + i] = static_cast<scalar_t>(qs[i]);
 }
 
-// The dynamic shared memory a block may opt in to on the current device (227 KiB on sm_90).
-int max_smem_optin() {
-  int device = 0, optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return optin;
-}
-
 template <typename scalar_t, int kRows>
 void launch(const at::Tensor& x, const at::Tensor& kv, const at::Tensor& norm_weight, const at::Tensor& norm_bias,
             const at::Tensor& q_weight, const at::Tensor& q_bias, const at::Tensor& out_weight,
@@ -258,8 +250,7 @@ void launch(const at::Tensor& x, const at::Tensor& kv, const at::Tensor& norm_we
               " need ", smem, " bytes of shared memory per block (", kRows, " query rows of D values twice, ",
               kKeys, " keys and values of one head); this GPU allows ", optin);
   auto kernel = _cross_attention_fwd_kernel<scalar_t, kRows>;
-  if (smem > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                            static_cast<int>(smem)));
+  if (smem > 48 * 1024) allow_max_smem(kernel);
   const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>((Nq + kRows - 1) / kRows));
   kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       x.const_data_ptr<scalar_t>(), kv.const_data_ptr<scalar_t>(), kv.stride(0), kv.stride(1), kv.stride(2),

@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include "common.cuh"
 #include "gcn.h"
 
 namespace lifeiqa_fast {
@@ -94,8 +95,7 @@ void launch(const at::Tensor& x, const at::Tensor& adj, const at::Tensor& w1, co
             const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3, at::Tensor& out,
             at::Tensor& h1, at::Tensor& h2, size_t smem) {
   auto kernel = _gcn_fwd_kernel<scalar_t, kMaxN>;
-  if (smem > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                            static_cast<int>(smem)));
+  if (smem > 48 * 1024) allow_max_smem(kernel);
   kernel<<<x.size(0), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2),
       adj.defined() ? adj.const_data_ptr<scalar_t>() : nullptr, adj.defined() && adj.dim() == 3 ? adj.stride(0) : 0,
@@ -123,9 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gcn_cuda(const at::Tensor& x, con
   const at::Tensor b1c = b1.contiguous(), b2c = b2.contiguous(), b3c = b3.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gcn_cuda", [&] {
     const size_t smem = sizeof(at::opmath_type<scalar_t>) * static_cast<size_t>(N * N + N * H1 + N * H2);
-    int device = 0, optin = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    const int optin = max_smem_optin();
     TORCH_CHECK(smem <= static_cast<size_t>(optin), "lifeiqa_fast.gcn: N * (N + H1 + H2) = ", N * (N + H1 + H2),
                 " activations per image need ", smem, " bytes of shared memory; this GPU has ", optin);
     if (N <= 8) {

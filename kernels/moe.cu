@@ -28,7 +28,7 @@
 #include <torch/library.h>
 
 #include "moe.h"
-#include "warp.cuh"
+#include "common.cuh"
 
 namespace lifeiqa_fast {
 namespace {

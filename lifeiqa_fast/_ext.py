@@ -17,7 +17,7 @@ import torch
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 
 
-def _find_library() -> pathlib.Path | None:
+def library_path() -> pathlib.Path | None:
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         path = PACKAGE_DIR / f"_C{suffix}"
         if path.exists():
@@ -28,7 +28,7 @@ def _find_library() -> pathlib.Path | None:
 def _load() -> tuple[bool, str | None]:
     if os.environ.get("LIFEIQA_FAST_DISABLE_EXT", "0") == "1":
         return False, "LIFEIQA_FAST_DISABLE_EXT=1 is set"
-    path = _find_library()
+    path = library_path()
     if path is None:
         return False, f"no compiled extension _C in {PACKAGE_DIR} (build it: pip install --no-build-isolation -e .)"
     try:
@@ -49,8 +49,9 @@ if not LOADED:
 
 
 def _read_build_info() -> dict:
-    path = PACKAGE_DIR / "_build_info.json"
-    return json.loads(path.read_text()) if LOADED and path.exists() else {}
+    """What the loaded _C was compiled from, as compiled into it (setup.py, csrc/library.cpp): the CUDA
+    source hashes name the kernels a GPU validation record applies to. {} when _C is not loaded."""
+    return json.loads(torch.ops.lifeiqa_fast.build_info()) if LOADED else {}
 
 
 BUILD_INFO = _read_build_info()

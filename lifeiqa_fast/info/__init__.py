@@ -1,6 +1,8 @@
 """What lifeiqa_fast was built with and which implementation impl="auto" picks, per op and device.
 
 `python -m lifeiqa_fast.info` prints it; `lifeiqa_fast.info()` returns it as a dict.
+`python -m lifeiqa_fast.info --build` adds the resource usage of every CUDA kernel in the loaded _C
+(registers, stack, static shared memory per architecture; lifeiqa_fast.preflight.cuda_checks).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 
 from .. import _ext
 from .._version import __version__
-from ..ops._impl import choose, triton_status, validation
+from ..ops._impl import choose, preflight_record, triton_status, validation
 from ..ops.cross_attention import MAX_HEAD_DIM, MAX_QUERIES
 from ..ops.gcn import MAX_TOKENS
 
@@ -47,6 +49,7 @@ def info() -> dict:
     (CPU and CUDA whether or not a GPU is present: what a model moved there would run)."""
     devices = ["cpu", "cuda"]
     built_cuda = bool(_ext.BUILD_INFO.get("cuda"))
+    arch_list = _ext.BUILD_INFO.get("cuda_arch_list")
     ops = {}
     for op in OPS:
         kernels = {
@@ -55,11 +58,18 @@ def info() -> dict:
             "triton": triton_status()[0],
         }
         validated = {backend: validation(op, backend) for backend in ("cuda", "triton")}
+        record = preflight_record(op)
+        # What each GPU kernel was checked for without a GPU: the CUDA kernels' architectures as compiled
+        # into _C; the Triton kernels' targets from the preflight record of their current source.
+        checked = {"cuda": {"compiled_for": arch_list.split(";") if kernels["cuda"] and arch_list else []},
+                   "triton": {"compiled_for": record["targets"] if record else [],
+                              "preflight": f"passed with Triton {record['triton']} ({record['checks']} kernel "
+                                           f"compilations)" if record else None}}
         auto = {}
         for device in devices:
             impl, reason = choose(op, device, "auto")
             auto[device] = {"impl": impl, "reason": reason}
-        ops[op] = {"kernels": kernels, "gpu_validation": validated, "auto": auto,
+        ops[op] = {"kernels": kernels, "preflight": checked, "gpu_validation": validated, "auto": auto,
                    "kernel_limits": _kernel_limits().get(op)}
     return {
         "versions": {
@@ -100,8 +110,13 @@ def format_info(report: dict) -> str:
         lines.append(f"  {op}: kernels cpu={'yes' if k['cpu'] else 'no'} cuda={'yes' if k['cuda'] else 'no'} "
                      f"triton={'yes' if k['triton'] else 'no'}")
         for backend, record in entry["gpu_validation"].items():
+            checked = entry["preflight"][backend]
+            built = f"compiled for {', '.join(checked['compiled_for'])}" if checked["compiled_for"] else "not compiled"
+            if backend == "triton":
+                built = (f"preflight {checked['preflight']}, {built}" if checked["preflight"] else
+                         "no preflight at this source (python -m lifeiqa_fast.preflight --record)")
             status = f"validated on {record['gpu']} ({record['date']})" if record else "never validated on a GPU"
-            lines.append(f"    {backend} kernel: {status}")
+            lines.append(f"    {backend} kernel: {built}; {status}")
         for device, choice in entry["auto"].items():
             lines.append(f"    auto on {device}: {choice['impl']} ({choice['reason']})")
         if entry["kernel_limits"]:

@@ -72,6 +72,21 @@ def source_hash(op: str, backend: str) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
+PREFLIGHT_RECORD = _ext.PACKAGE_DIR / "preflight.json"
+
+
+@functools.lru_cache(maxsize=None)
+def preflight_record(op: str) -> dict | None:
+    """The record of a passing Triton preflight of op's current source (python -m lifeiqa_fast.preflight
+    --record): compiled for sm_80 and sm_90 in every dtype, within shared memory, no spill at Life-IQA's
+    shapes. None if the source changed since."""
+    if not PREFLIGHT_RECORD.exists():
+        return None
+    digest = source_hash(op, "triton")
+    records = json.loads(PREFLIGHT_RECORD.read_text())["records"]
+    return next((r for r in records if r["op"] == op and r["source"] == digest), None)
+
+
 def validation(op: str, backend: str) -> dict | None:
     """The GPU validation record of this op's backend ("cuda" or "triton") at its current source, if any."""
     digest = source_hash(op, backend)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from . import on_tensor_device
+
 try:
     import triton
     import triton.language as tl
@@ -21,6 +23,13 @@ except ImportError:  # the package imports without Triton; ops report impl="trit
 BLOCK_K = 32  # reduction chunk of both projections and of the LayerNorm passes
 BLOCK_C = 64  # output columns per step of the output projection, so its tiles stay small for any D
 BLOCK_KV = 32  # keys per step of the online softmax
+# fp64 takes 16 keys a step: with 32, its tiles at the kernel's limit (64 queries, head_dim 128) need
+# 213 KB of shared memory, over an A100's 163 KB per block, and spill at Life-IQA's shapes on sm_80.
+BLOCK_KV_FP64 = 16
+# q and the running output are (rows, head_dim) tiles held across the key loop: with 4 warps the
+# bf16/fp16 kernel spills on sm_90 at Life-IQA's shapes (16 rows, head_dim 64); with 8 no dtype spills
+# there on sm_80 or sm_90 (python -m lifeiqa_fast.preflight).
+NUM_WARPS = 8
 
 if triton is not None:
 
@@ -161,12 +170,7 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot wants every tile dimension >= 16
 
 
-def _num_warps(rows: int, head_dim: int) -> int:
-    # q and the running output are (rows, head_dim) fp32 tiles held across the key loop: 8 warps from
-    # 64 x 64 on, so together they take at most 64 registers a thread (16 at Life-IQA's 16 x 64).
-    return 8 if rows * head_dim >= 64 * 64 else 4
-
-
+@on_tensor_device
 def cross_attention_forward(x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias, num_heads, eps):
     """x (B, Nq, D); kv (B, Nk, 2, D) any strides, read in place; weights and biases of x's dtype ->
     (out, q, o (B, Nq, D) x's dtype, lse (B, H, Nq), stats (B, Nq, 2) (mean, rstd) fp32, fp64 for fp64)."""
@@ -182,7 +186,8 @@ def cross_attention_forward(x, kv, norm_weight, norm_bias, q_weight, q_bias, out
     weights = (t.contiguous() for t in (norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias))
     _cross_attention_fwd_kernel[(B,)](
         x, kv, *weights, out, q, o, lse, stats, Nq, Nk, D, num_heads, hd, eps, *x.stride(), *kv.stride(),
-        BN=_pow2(Nq), BD=_pow2(hd), BK=BLOCK_K, BKV=BLOCK_KV, BC=BLOCK_C,
-        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, num_warps=_num_warps(_pow2(Nq), _pow2(hd)),
+        BN=_pow2(Nq), BD=_pow2(hd), BK=BLOCK_K, BKV=BLOCK_KV_FP64 if acc == torch.float64 else BLOCK_KV,
+        BC=BLOCK_C,
+        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32, num_warps=NUM_WARPS,
     )
     return out, q, o, lse, stats

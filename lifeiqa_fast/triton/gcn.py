@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from . import on_tensor_device
+
 try:
     import triton
     import triton.language as tl
@@ -77,6 +79,7 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))  # tl.dot wants every tile dimension >= 16
 
 
+@on_tensor_device
 def gcn_forward(x, adj, w1, b1, w2, b2, w3, b3):
     """x (B, N, D); adj None (fixed graph), (N, N) or (B, N, N) -> (out (B, N, D), h1 (B, N, H1), h2 (B, N, H2))."""
     B, N, D = x.shape

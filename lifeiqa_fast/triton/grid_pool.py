@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from . import on_tensor_device
+
 try:
     import triton
     import triton.language as tl
@@ -20,9 +22,10 @@ if triton is not None:
     def _bin_edge(i, n, g):
         # torch.linspace(0, n, g + 1, dtype=int)[i]: double steps from the start for the first half
         # of the points, back from the end for the rest, truncated (csrc/grid_pool.h, bin_edge).
-        step = n.to(tl.float64) / g.to(tl.float64)
-        first = (step * i.to(tl.float64)).to(tl.int64)
-        last = (n.to(tl.float64) - step * (g - i).to(tl.float64)).to(tl.int64)
+        # tl.cast, not .to: a launch turns an int argument equal to 1 into a Python constant.
+        step = tl.cast(n, tl.float64) / tl.cast(g, tl.float64)
+        first = tl.cast(step * tl.cast(i, tl.float64), tl.int64)
+        last = tl.cast(tl.cast(n, tl.float64) - step * tl.cast(g - i, tl.float64), tl.int64)
         return tl.where(i < (g + 1) // 2, first, last)
 
     @triton.jit
@@ -71,6 +74,7 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+@on_tensor_device
 def grid_pool_forward(x: torch.Tensor, grid: int) -> torch.Tensor:
     """x: (B, H, W, C) any strides -> (B, grid * grid, C) contiguous, x's dtype."""
     B, H, W, C = x.shape
@@ -82,6 +86,7 @@ def grid_pool_forward(x: torch.Tensor, grid: int) -> torch.Tensor:
     return out
 
 
+@on_tensor_device
 def grid_pool_backward(grad: torch.Tensor, height: int, width: int, grid: int) -> torch.Tensor:
     """grad: (B, grid * grid, C) any strides -> dx (B, height, width, C) contiguous."""
     B, _, C = grad.shape

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from . import on_tensor_device
+
 try:
     import triton
     import triton.language as tl
@@ -30,6 +32,10 @@ BLOCK_T = 16  # tokens per program of the routing and combining kernels (tl.dot 
 BLOCK_M = 32  # pairs per program of the grouped expert layers
 BLOCK_N = 64  # output columns per program of the expert layers and of the combining kernel
 BLOCK_K = 32  # reduction chunk of every product with the weights
+# Software-pipelining stages of the grouped expert layers: with 2 or 3 (Triton's default), ptxas keeps
+# them to 72-80 registers in bf16/fp16 on sm_80 and spills at Life-IQA's shapes; with 1 none spills
+# (python -m lifeiqa_fast.preflight).
+GROUPED_STAGES = 1
 
 if triton is not None:
 
@@ -185,6 +191,7 @@ def group_pairs(indices, num_experts):
     return order, counts, torch.cumsum(counts, dim=0) - counts
 
 
+@on_tensor_device
 def moe_forward(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask, dense):
     """x (T, D) contiguous; router_weight (E, D), router_bias (E,); w1 (E, F, D), b1 (E, F), w2 (E, D, F),
     b2 (E, D), all of x's dtype; top_k in [1, E]; dropout_mask None or (T, top_k, F) of x's dtype; dense:
@@ -233,7 +240,7 @@ def moe_forward(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_ma
         for inp, div, w, b, msk, dst, K, N, relu, use_mask in layers:
             _moe_expert_grouped_kernel[(triton.cdiv(P, BLOCK_M), E, triton.cdiv(N, BLOCK_N))](
                 inp, div, w, b, msk, dst, order, counts, offsets, K, N,
-                RELU=relu, MASKED=use_mask, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, ACC=ACC,
+                RELU=relu, MASKED=use_mask, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, ACC=ACC, num_stages=GROUPED_STAGES,
             )
 
     _moe_combine_kernel[(triton.cdiv(T, BLOCK_T), triton.cdiv(D, BLOCK_N))](

@@ -2,7 +2,8 @@
 # Build, test and benchmark lifeiqa_fast on a GPU machine within a short GPU slot; write the report to OUTDIR.
 #
 #   benchmarks/gpu_check.sh OUTDIR            # on a GPU machine: at most GPU_CHECK_SECONDS (400) of wall time
-#   GPU_CHECK_DRY_RUN=1 benchmarks/gpu_check.sh OUTDIR   # the same flow on a CPU machine (see README)
+#   GPU_CHECK_DRY_RUN=1 benchmarks/gpu_check.sh OUTDIR   # the same flow on a CPU machine (see README),
+#                                                        # every limit x GPU_CHECK_SCALE (default 4 there)
 #
 # For a lent GPU machine (16 cores, torch, CUDA, Triton, timm and pytest preinstalled, no network). Every
 # step has its own time limit, cut to what is left of the whole run's, and a failed or cut step does not
@@ -22,12 +23,13 @@ cd "$(dirname "$0")/.."
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 DRY_RUN="${GPU_CHECK_DRY_RUN:-0}"
-DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-400}))
+SCALE="${GPU_CHECK_SCALE:-$([[ "$DRY_RUN" == 1 ]] && echo 4 || echo 1)}"  # step limits x SCALE (2 cores: x4)
+DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-$((400 * SCALE))}))
 log() { echo "[gpu_check $(date +%T)] $*"; }
 
 # step NAME LIMIT_S COMMAND...: run with the smaller of LIMIT_S and the time left; record status and time.
 step() {
-  local name="$1" limit="$2" left=$((DEADLINE - SECONDS)) start=$SECONDS rc
+  local name="$1" limit=$(($2 * SCALE)) left=$((DEADLINE - SECONDS)) start=$SECONDS rc
   shift 2
   ((limit > left)) && limit=$left
   if ((limit < 5)); then

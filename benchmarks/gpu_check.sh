@@ -78,13 +78,15 @@ tests_in_parallel() {
   for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
   return $rc
 }
+# Built in place (setup.py build_ext --inplace, the tree on PYTHONPATH), not pip-installed: that needs
+# neither network nor pip's build requirements (an older setuptools without `wheel` cannot pip-install
+# with --no-build-isolation).
 build() {
-  TORCH_CUDA_ARCH_LIST="$ARCH" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . \
-    >"$OUTDIR/build.log" 2>&1
+  TORCH_CUDA_ARCH_LIST="$ARCH" "$PY" setup.py build_ext --inplace >"$OUTDIR/build.log" 2>&1
 }
 info() { "$PY" -m lifeiqa_fast.info --build >"$OUTDIR/info.txt" 2>&1; }
 export -f build info pytest_run tests_in_parallel
-export PY OUTDIR ARCH
+export PY OUTDIR ARCH PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 step build 240 build || tail -30 "$OUTDIR/build.log"
 step info 60 info
 head -40 "$OUTDIR/info.txt"

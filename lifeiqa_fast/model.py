@@ -1,4 +1,4 @@
-"""LifeIQA: the Life-IQA model with the authors' module structure and state-dict keys (SPEC.md).
+"""LifeIQA: the Life-IQA model with the authors' module structure and state-dict keys (docs/model.md).
 
 The head calls the op families of lifeiqa_fast.ops with the module's impl; impl="reference" computes
 everything the authors' way (lifeiqa_fast.reference).
@@ -285,7 +285,7 @@ def _backbone_stages(m: nn.Module, name: str) -> tuple[list[nn.Module], bool]:
 
 class FusedForward:
     """The forward pass of a Life-IQA model through lifeiqa_fast's ops, for any module with the authors'
-    attribute layout (SPEC.md): LifeIQA, and models that optimize() converted. Reads only the
+    attribute layout (docs/model.md): LifeIQA, and models that optimize() converted. Reads only the
     attributes backbone_stages, proj_layer4, bunch_embedding, UPP_layer3, proj_layer3, bunch_decoder,
     norm3, MOE, gamma, dropout3 and fc, whose submodules are this module's classes."""
 
@@ -573,7 +573,7 @@ def load_checkpoint(path_or_dict, map_location="cpu", **overrides) -> LifeIQA:
     return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
 
 
-# The attributes optimize() reads, as the authors' Life_models has them (SPEC.md).
+# The attributes optimize() reads, as the authors' Life_models has them (docs/model.md).
 _LAYOUT = ("backbone_stages", "bunch_embedding", "proj_layer3", "proj_layer4", "UPP_layer3", "bunch_decoder.layers",
            "norm3", "gamma", "dropout3", "fc", "MOE")
 _LAYER_LAYOUT = ("GCN.gcn1.weight", "GCN.gcn1.bias", "GCN.gcn2.weight", "GCN.gcn2.bias", "GCN.gcn3.weight",

@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of every op: the executable spec (SPEC.md), written the authors' way.
+"""Plain-PyTorch reference of every op: the executable spec (docs/model.md), written the authors' way.
 
 Each function computes exactly what the authors' code computes, in the same order of operations,
 host synchronisations included (the per-bin pooling loop, the per-expert masked loop): tests check

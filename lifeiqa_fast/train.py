@@ -1,4 +1,4 @@
-"""Training and evaluation of Life-IQA with the authors' protocol (SPEC.md, "Training protocol").
+"""Training and evaluation of Life-IQA with the authors' protocol (docs/training.md).
 
 `lifeiqa-fast train` and `lifeiqa-fast eval` call train() and evaluate_checkpoint(). One run trains on
 the train side of a split and evaluates the test side after every epoch; `repeats` runs use the

@@ -1,6 +1,6 @@
 """Train/test splits by group (lifeiqa_fast.data.split_by_group) and their CSV form (save_split / load_split).
 
-The protocol (SPEC, "Training protocol"): 80/20 at random, by reference image for the synthetically distorted sets
+The protocol (docs/training.md): 80/20 at random, by reference image for the synthetically distorted sets
 and by image for the authentic ones (``Record.group`` already encodes which), 10 random splits. A split depends only
 on the set of groups and the seed, not on the order of ``records``: the groups are sorted, then permuted by
 ``numpy.random.default_rng(seed)``. NumPy does not promise that Generator streams never change between versions,

@@ -1,5 +1,5 @@
 """cross_attention: one decoder layer's LayerNorm, query projection, attention to the projected memory
-and output projection (SPEC step 4, second bullet), fused.
+and output projection (docs/model.md, step 4), fused.
 
 Public function, the Triton op, fake implementations and the autograd formula. The schema of the
 native op lives in csrc/library.cpp (its contract in csrc/cross_attention.h), its kernels in

@@ -1,4 +1,4 @@
-"""gcn: x + three graph convolutions over the N query tokens (SPEC step 4, first bullet), fused.
+"""gcn: x + three graph convolutions over the N query tokens (docs/model.md, step 4), fused.
 
 Public function, the Triton op, fake implementations and the autograd formula. The schema of the
 native op lives in csrc/library.cpp, its kernels in csrc/gcn.cpp (CPU) and kernels/gcn.cu (CUDA), the

@@ -1,4 +1,4 @@
-"""grid_pool: UPP pooling of a stage map onto a grid x grid grid (SPEC step 3).
+"""grid_pool: UPP pooling of a stage map onto a grid x grid grid (docs/model.md, step 3).
 
 Public function, the Triton op, fake implementations and the autograd formula. The schema of the
 native op lives in csrc/library.cpp, its kernels in csrc/grid_pool.cpp (CPU) and

@@ -1,4 +1,4 @@
-"""moe: the sparse mixture of experts of Life-IQA's head (SPEC step 6), fused: router, top-k, gates,
+"""moe: the sparse mixture of experts of Life-IQA's head (docs/moe.md), fused: router, top-k, gates,
 the experts' MLPs, their gated sum, and the aux and z losses.
 
 Public function, fake implementations and the autograd formula. The schema of the native op lives

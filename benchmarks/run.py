@@ -9,8 +9,9 @@ implementation against it (compare), then times those that passed round-robin (m
 ms median [p20-p80], speed-ups vs eager and vs torch.compile, GB/s, GFLOP/s and the fraction of the
 device's limits measured in the same run. --backward adds forward+backward rows.
 
-    python benchmarks/run.py --quick
-    python benchmarks/run.py --save benchmarks/results    # DATE-DEVICES.{md,json,csv,png}
+    python benchmarks/run.py                              # the main rows, fp32: a few minutes on 2 CPU cores
+    python benchmarks/run.py --quick                      # CI-sized
+    python benchmarks/run.py --full --save benchmarks/results    # everything; DATE-DEVICES.{md,json,csv,png}
 """
 from __future__ import annotations
 
@@ -94,6 +95,7 @@ class Case:
     tolerance: dict[torch.dtype, float]  # allowed max_err, see compare()
     batches: dict[str, tuple[int, ...]]  # per device type
     quick: tuple[int, ...]  # batches for --quick
+    default: tuple[int, ...]  # batches of a run without --quick or --full (fp32 only)
     # (outputs) -> the gradient of each output in backward rows; made once per row, shared by all impls
     grad_outputs: Callable[[tuple], tuple] = lambda outs: tuple(torch.randn_like(o) for o in outs)
     # (args, outputs, params, backward, FlopCount of the eager call) -> (FLOP, bytes)
@@ -354,23 +356,28 @@ OP_BATCHES = {"cpu": (1, 8, 32, 64), "cuda": (1, 8, 32, 64, 256)}  # 32: the pro
 
 CASES = {case.op: case for case in (
     Case("grid_pool", functools.partial(_stage_maps, stages=(3,)), _grid_pool_build, ("composite", "native", "triton"),
-         GRID_POOL_TOLERANCE, OP_BATCHES, quick=(1, 32), cost=_grid_pool_cost),
-    Case("gcn", _gcn_inputs, _gcn_build, ("native", "triton"), GCN_TOLERANCE, OP_BATCHES, quick=(1, 32)),
+         GRID_POOL_TOLERANCE, OP_BATCHES, quick=(1, 32), default=(1, 32), cost=_grid_pool_cost),
+    Case("gcn", _gcn_inputs, _gcn_build, ("native", "triton"), GCN_TOLERANCE, OP_BATCHES, quick=(1, 32),
+         default=(1, 32)),
     Case("cross_attention", _attention_inputs, _attention_build, ("native", "triton"), ATTENTION_TOLERANCE,
-         OP_BATCHES, quick=(1, 32)),
+         OP_BATCHES, quick=(1, 32), default=(1, 32)),
     Case("decoder", _decoder_inputs, _decoder_build, tuple(DECODER_IMPLS), MODEL_TOLERANCE, OP_BATCHES,
-         quick=(1, 32)),
-    Case("moe", _moe_inputs, _moe_build, tuple(MOE_IMPLS), MODEL_TOLERANCE, OP_BATCHES, quick=(1, 32)),
+         quick=(1, 32), default=(1, 32)),
+    Case("moe", _moe_inputs, _moe_build, tuple(MOE_IMPLS), MODEL_TOLERANCE, OP_BATCHES, quick=(1, 32),
+         default=(1, 32)),
     Case("head", _stage_maps, functools.partial(_lifeiqa_build, head=True), tuple(MODEL_IMPLS), MODEL_TOLERANCE,
-         {"cpu": (1, 8, 32, 64), "cuda": (1, 8, 32, 64, 256)}, quick=(1,), grad_outputs=_loss_gradients),
+         {"cpu": (1, 8, 32, 64), "cuda": (1, 8, 32, 64, 256)}, quick=(1,), default=(1, 8),
+         grad_outputs=_loss_gradients),
     # Swin-B costs ~0.2 s per image on a 2-core CPU and torch.compile of it ~1 min per shape there.
     Case("model", lambda b, dt, dev: (torch.randn(b, 3, 224, 224, dtype=dt, device=dev),),
          functools.partial(_lifeiqa_build, head=False), tuple(MODEL_IMPLS), MODEL_TOLERANCE,
-         {"cpu": (1, 8), "cuda": (1, 8, 64, 256)}, quick=(), grad_outputs=_loss_gradients, per_item="img"),
+         {"cpu": (1, 8), "cuda": (1, 8, 64, 256)}, quick=(), default=(1,), grad_outputs=_loss_gradients,
+         per_item="img"),
     # max err here is the Scorer's score deviation from the official fp32 model (5e-2 lets bf16 pass;
     # tests/test_scorer.py holds the fp32 Scorer to the model's output within 1e-5).
     Case("scorer", _scorer_inputs, _scorer_build, tuple(SCORER_IMPLS), {dt: 5e-2 for dt in DTYPES.values()},
-         {"cpu": (1, 8), "cuda": (1, 8, 64)}, quick=(), dtypes=("fp32",), backward=False, per_item="img"),
+         {"cpu": (1, 8), "cuda": (1, 8, 64)}, quick=(), default=(1,), dtypes=("fp32",), backward=False,
+         per_item="img"),
 )}
 
 
@@ -708,7 +715,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=csv_list(int), help="batch sizes (default: per op and device)")
     p.add_argument("--dtype", type=csv_list(), help="fp32, fp16, bf16 (default: fp32,bf16 on cpu; all on cuda)")
     p.add_argument("--backward", action="store_true", help="also time forward + backward")
-    p.add_argument("--quick", action="store_true", help="CI-sized: few batches (no model), fp32, fewer repetitions")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="CI-sized: few batches (no model), fp32, fewer repetitions")
+    size.add_argument("--full", action="store_true", help="every batch and dtype, the model at 8 images too (about "
+                      "10 min on a 2-core CPU; the default run: ops at 1 and 32, head at 1 and 8, model and scorer "
+                      "at 1, fp32, a few minutes)")
     p.add_argument("--json", type=pathlib.Path, help="write the machine description and all rows as JSON")
     p.add_argument("--csv", type=pathlib.Path, help="write one row per op, impl, device, dtype, batch, direction")
     p.add_argument("--markdown", type=pathlib.Path, help="write the machine description and the tables as markdown")
@@ -729,17 +740,23 @@ def main(argv: list[str] | None = None) -> None:
         args.json, args.csv = args.json or stem.with_suffix(".json"), args.csv or stem.with_suffix(".csv")
         args.markdown, args.plot = args.markdown or stem.with_suffix(".md"), args.plot or stem.with_suffix(".png")
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # fail now, not after the run
-        p.error("--plot needs matplotlib (pip install matplotlib)")
+        p.error(f"{'--save' if args.save else '--plot'} writes a PNG plot and needs matplotlib, which is not "
+                f"installed: pip install matplotlib (or the [bench] extra: pip install --no-build-isolation -e "
+                f"\".[bench]\")")
 
     plan = []
     for device in devices:
         for op in args.ops:
             case = CASES[op]
             impls = [i for i in (*BASELINES, *case.impls) if args.impl is None or i in args.impl]
-            for dtype in args.dtype or (["fp32"] if args.quick else case.dtypes or DEFAULT_DTYPES[device]):
-                for batch in args.batch or (case.quick if args.quick else case.batches[device]):
+            for dtype in args.dtype or ((case.dtypes or DEFAULT_DTYPES[device]) if args.full else ["fp32"]):
+                batches = case.batches[device] if args.full else case.quick if args.quick else case.default
+                for batch in args.batch or batches:
                     for backward in (False, True) if args.backward and case.backward else (False,):
                         plan.append((case, torch.device(device), DTYPES[dtype], batch, backward, impls))
+    kind = ("every batch and dtype (--full)" if args.full else "CI-sized (--quick)" if args.quick else
+            "the main rows, fp32, a few minutes on a 2-core CPU (--full: every batch and dtype)")
+    print(f"benchmarks/run.py: {len(plan)} rows, {kind}", file=sys.stderr, flush=True)
     command = " ".join(["run.py", *(sys.argv[1:] if argv is None else argv)])
     torch._logging.set_logs(dynamo=logging.ERROR)  # graph-break warnings: the table reports graph counts
     with tempfile.TemporaryDirectory() as cache_dir:  # cold compiles, as on a fresh machine

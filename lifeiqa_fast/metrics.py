@@ -19,6 +19,8 @@ import warnings
 
 import numpy as np
 
+from ._optional import require
+
 __all__ = ["evaluate", "krcc", "plcc", "plcc_logistic", "srcc"]
 
 # numpy dtype kinds accepted as numbers: bool, signed int, unsigned int, float (not complex, str, object).
@@ -73,7 +75,8 @@ def plcc_logistic(pred, target) -> float:
     x, y = _pair("plcc_logistic", pred, target)
     if _is_constant(x) or _is_constant(y):
         return math.nan
-    from scipy.optimize import OptimizeWarning, curve_fit
+    optimize = require("scipy.optimize", "scipy", "data", "lifeiqa_fast.metrics.plcc_logistic")
+    OptimizeWarning, curve_fit = optimize.OptimizeWarning, optimize.curve_fit
 
     p0 = [y.max(), y.min(), x.mean(), x.std() / 4]
     try:

@@ -525,6 +525,24 @@ def config_value(config: Mapping, path: str):
     return config
 
 
+def _why_unreadable(path: str, exc: Exception) -> str:
+    """What a file that torch.load refused looks like, for an error message a user can act on (torch's own
+    message can be a bare number: a text file gives "101")."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK"):
+        what = "a zip archive, as torch.save writes, but damaged or cut short"
+    elif head.startswith(b"\x80"):
+        what = "a pickle, but damaged or cut short"
+    elif head[:1] == b"{" or head[8:9] == b"{":
+        what = "possibly a safetensors or JSON file, not a torch.save file"
+    else:
+        what = "not a torch.save file (neither a zip archive nor a pickle)"
+    return f"{what} ({type(exc).__name__}: {exc})"
+
+
 def load_checkpoint(path_or_dict, map_location="cpu", **overrides) -> LifeIQA:
     """Build a LifeIQA from an official checkpoint and load its weights strictly.
 
@@ -549,7 +567,9 @@ def load_checkpoint(path_or_dict, map_location="cpu", **overrides) -> LifeIQA:
         try:
             checkpoint = _load_weights_only(path, map_location)
         except Exception as exc:
-            raise ValueError(f"lifeiqa_fast.load_checkpoint: cannot read {path} as a torch checkpoint: {exc}") from exc
+            raise ValueError(f"lifeiqa_fast.load_checkpoint: cannot read {path} as a torch checkpoint (a file "
+                             f"written by torch.save, as the authors' training writes them): {_why_unreadable(path, exc)}"
+                             ) from exc
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state_dict, Mapping):
         raise ValueError("lifeiqa_fast.load_checkpoint: expected a state dict or a dict with a 'model' state dict")
@@ -563,12 +583,19 @@ def load_checkpoint(path_or_dict, map_location="cpu", **overrides) -> LifeIQA:
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"lifeiqa_fast.load_checkpoint: {where}: LifeIQA({config}): {exc}") from exc
     model.checkpoint_config = saved
-    result = model.load_state_dict(state_dict, strict=False)
+    # A state dict records the head's sizes (read above) but not which backbone made its stage maps.
+    hint = "" if "backbone" in config else (
+        "\n  If the model was trained with another backbone than Swin-B, name it: load_checkpoint(..., "
+        "backbone=\"resnet50\") (any timm name; a bare state dict or the authors' config does not record it)")
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as exc:  # a size mismatch
+        raise ValueError(f"lifeiqa_fast.load_checkpoint: {where} does not match LifeIQA({config}): {exc}{hint}") from exc
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
-            f"lifeiqa_fast.load_checkpoint: the checkpoint does not match LifeIQA({config}):\n"
+            f"lifeiqa_fast.load_checkpoint: {where} does not match LifeIQA({config}):\n"
             f"  missing keys ({len(result.missing_keys)}): {result.missing_keys}\n"
-            f"  unexpected keys ({len(result.unexpected_keys)}): {result.unexpected_keys}"
+            f"  unexpected keys ({len(result.unexpected_keys)}): {result.unexpected_keys}{hint}"
         )
     return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
 

@@ -217,7 +217,10 @@ def _as_chw(image) -> tuple[object, Tensor | None]:
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[:, :, None], 3, axis=2)
-        image = torch.from_numpy(np.ascontiguousarray(image[:, :, :3])).permute(2, 0, 1)
+        rgb = np.ascontiguousarray(image[:, :, :3])
+        # A read-only array (np.asarray of a PIL image, a memory map) is copied: torch shares memory with
+        # the arrays it wraps and warns for one it may not write, though nothing here writes to it.
+        image = torch.from_numpy(rgb if rgb.flags.writeable else rgb.copy()).permute(2, 0, 1)
     return None, image.detach().cpu()
 
 

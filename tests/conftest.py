@@ -1,6 +1,21 @@
+import importlib.util
 import os
 
+import pytest
 import torch
+
+# Every test runs on every machine, GPU tests aside: a package the suite needs that is missing is an
+# install error, reported before any test runs, never a skipped test. module -> pip name.
+TEST_PACKAGES = {"pytest": "pytest", "hypothesis": "hypothesis", "safetensors": "safetensors",
+                 "skimage": "scikit-image", "scipy": "scipy", "openpyxl": "openpyxl", "matplotlib": "matplotlib",
+                 "triton": "triton"}
+
+
+def pytest_configure(config):
+    missing = [pip for module, pip in TEST_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise pytest.UsageError(f"the test suite needs {', '.join(missing)}, not installed here: "
+                                f"pip install --no-build-isolation -e \".[all]\" (README, Install)")
 
 # Without a GPU, Triton kernels run on CPU tensors through the interpreter: that is how CI tests
 # their logic. It must be set before Triton is first imported.

@@ -25,7 +25,7 @@ def bench():
 
 def test_quick_benchmark_runs(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    plot = ["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []  # .ci/run installs it
+    plot = ["--plot", str(png)]
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--ops", "grid_pool,head", "--batch", "1",
          "--device", "cpu", "--json", str(out), *plot],
@@ -54,6 +54,16 @@ def test_quick_benchmark_runs(tmp_path):
     assert not plot or png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_save_without_matplotlib_names_the_option_and_the_extra(bench, monkeypatch, capsys, tmp_path):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else
+                        find_spec(name, *a))
+    with pytest.raises(SystemExit):
+        bench.main(["--save", str(tmp_path), "--quick", "--ops", "grid_pool"])
+    err = capsys.readouterr().err
+    assert "--save writes a PNG plot and needs matplotlib" in err and "[bench]" in err
+
+
 @pytest.mark.parametrize("dtype, backward", [
     (torch.float32, False),
     (torch.float32, True),  # the gradients are right, the output is not
@@ -73,7 +83,8 @@ def test_wrong_implementation_is_reported_and_not_timed(bench, monkeypatch, dtyp
         return eager, ()
 
     case = bench.Case("toy", lambda b, dtype, device: (torch.randn(b, 4, 4, 8, dtype=dtype, device=device),), build,
-                      ("off_by_one", "raises", "missing"), bench.GRID_POOL_TOLERANCE, batches={"cpu": (2,)}, quick=(2,))
+                      ("off_by_one", "raises", "missing"), bench.GRID_POOL_TOLERANCE, batches={"cpu": (2,)},
+                      quick=(2,), default=(2,))
     monkeypatch.setitem(bench.LIMITS, "cpu", {"gemm_gflops": {"fp32": 100.0, "bf16": 100.0}, "copy_gbps": 10.0})
     rows = {r["impl"]: r for r in bench.bench_row(case, torch.device("cpu"), dtype, 2, backward,
                                                    ["eager", "off_by_one", "raises", "missing"], 0.01, 5)}
@@ -93,7 +104,7 @@ def test_failing_eager_reports_the_row_and_the_run_goes_on(bench):
         return fail, ()
 
     case = bench.Case("toy", lambda b, dtype, device: (torch.randn(b, 3, dtype=dtype, device=device),), build,
-                      ("native",), bench.GRID_POOL_TOLERANCE, batches={"cpu": (1,)}, quick=(1,))
+                      ("native",), bench.GRID_POOL_TOLERANCE, batches={"cpu": (1,)}, quick=(1,), default=(1,))
     rows = bench.bench_row(case, torch.device("cpu"), torch.float32, 1, False, ["eager", "compile", "native"], 0.01, 5)
     assert [r["impl"] for r in rows] == ["eager", "compile", "native"]
     for r in rows:

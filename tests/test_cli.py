@@ -17,7 +17,7 @@ import lifeiqa_fast
 
 from test_model import tiny
 
-data = pytest.importorskip("skimage.data")  # real photographs (pip install scikit-image)
+from skimage import data  # real photographs
 
 
 def _cli(*args, cwd=None, timeout=600):

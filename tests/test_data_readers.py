@@ -45,7 +45,7 @@ def cells(strings: list[str], shape: tuple[int, int]) -> np.ndarray:
 # as (path relative to root, label, group).
 
 def build_live(root: Path) -> list[tuple[str, float, str]]:
-    sio = pytest.importorskip("scipy.io")
+    from scipy import io as sio
     refs = ["bikes.bmp", "buildings.bmp", "caps.bmp", "womanhat.bmp", "parrots.bmp"]
     for ref in refs:
         touch(root, f"refimgs/{ref}")
@@ -104,7 +104,7 @@ def build_synthetic(root: Path):
 
 
 def build_livec(root: Path):
-    sio = pytest.importorskip("scipy.io")
+    from scipy import io as sio
     names = [f"trainingImages/t{k}.bmp" for k in range(1, 8)] + [f"{k}.bmp" for k in range(3, LIVEC_ENTRIES - 4)]
     mos = [50.0 + 0.01 * k for k in range(LIVEC_ENTRIES)]
     assert len(names) == LIVEC_ENTRIES
@@ -127,7 +127,7 @@ def build_koniq(root: Path):
 
 
 def build_spaq(root: Path):
-    openpyxl = pytest.importorskip("openpyxl")
+    import openpyxl
     rows = [("00001.jpg", 42.0), ("00002.jpg", 71.25), ("00010.jpg", 15)]
     for name, _ in rows:
         touch(root, f"512x384/{name}")
@@ -251,7 +251,7 @@ def test_malformed_label_files(tmp_path):
     with pytest.raises(ValueError, match="line 1: expected 2 fields"):
         read_dataset("csiq", tmp_path / "csiq")
 
-    sio = pytest.importorskip("scipy.io")
+    from scipy import io as sio
     build_livec(tmp_path / "livec")
     sio.savemat(tmp_path / "livec/Data/AllMOS_release.mat", {"AllMOS": np.zeros((1, LIVEC_ENTRIES))})
     with pytest.raises(ValueError, match="no variable.*'AllMOS_release'.*holds \\['AllMOS'\\]"):

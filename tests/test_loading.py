@@ -99,3 +99,31 @@ def test_refusal_is_not_the_fallback_of_plain_pickle_errors(tmp_path):
     path.write_bytes(pickle.dumps([1, 2, 3], protocol=2)[:-1])  # no STOP
     with pytest.raises(ValueError, match=rf"cannot read {path} as a torch checkpoint"):
         lifeiqa_fast.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"hello world\n", "not a torch.save file"),  # torch's own message: "101"
+    (b"", "the file is empty"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{\"w\": 1}", "safetensors"),
+])
+def test_unreadable_checkpoint_says_what_the_file_is(tmp_path, content, says):
+    path = tmp_path / "model.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"cannot read {path} as a torch checkpoint .*{says}"):
+        lifeiqa_fast.load_checkpoint(path)
+
+
+def test_truncated_checkpoint_says_it_is_damaged(tmp_path):
+    path = tmp_path / "model.pth"
+    torch.save({"model": {"w": torch.zeros(100)}}, path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(ValueError, match="zip archive, as torch.save writes, but damaged or cut short"):
+        lifeiqa_fast.load_checkpoint(path)
+
+
+def test_state_dict_of_another_backbone_hints_at_backbone():
+    """A bare state dict records the head's sizes but not the backbone: a mismatch says to name it."""
+    state_dict = lifeiqa_fast.LifeIQA(backbone="resnet10t", depth=1, num_experts=2).state_dict()
+    with pytest.raises(ValueError, match=r'does not match LifeIQA(.|\n)*name it: load_checkpoint\(\.\.\., backbone='):
+        lifeiqa_fast.load_checkpoint(state_dict)
+    assert lifeiqa_fast.load_checkpoint(state_dict, backbone="resnet10t") is not None

@@ -20,7 +20,6 @@ from lifeiqa_fast.ops import _impl
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OPS = ("grid_pool", "gcn", "cross_attention", "moe")
-triton = pytest.importorskip("triton")
 
 
 def _jit_kernels(op: str) -> set[str]:

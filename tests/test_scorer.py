@@ -19,7 +19,7 @@ from lifeiqa_fast.scorer import crop_corners, find_images, image_tensor, resize_
 
 from test_model import tiny
 
-data = pytest.importorskip("skimage.data")  # real photographs (pip install scikit-image)
+from skimage import data  # real photographs
 
 # Spelled out here (not imported from the scorer) so that a wrong constant there fails the tests.
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -419,3 +419,16 @@ def test_an_empty_image_file_is_reported(model, tmp_path, monkeypatch):
         assert "empty.png" in results[0].error and "has no pixels (H x W = 0 x 0)" in results[0].error
         assert "zero.ppm" in results[2].error and "cannot read" in results[2].error
         assert results[1].score == pytest.approx(scorer(good).item(), abs=1e-5)
+
+
+def test_read_only_array_scores_without_a_warning():
+    """np.asarray of a PIL image is read-only: scored as any array, with no warning from torch."""
+    import warnings
+
+    model = tiny().eval()
+    photo = np.asarray(Image.fromarray(data.astronaut()))
+    assert not photo.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = Scorer(model, batch_size=1, crops=1)([photo])
+    assert scores.shape == (1,) and torch.isfinite(scores).all()

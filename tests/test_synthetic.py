@@ -2,15 +2,15 @@
 idempotence, refusal of foreign roots, recovery from an interrupted run."""
 import csv
 import re
+import sys
 
 import numpy as np
 import pytest
 
-pytest.importorskip("skimage.data")
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from lifeiqa_fast.data import synthetic  # noqa: E402
-from lifeiqa_fast.data.synthetic import LEVELS, make_synthetic  # noqa: E402
+from lifeiqa_fast.data import synthetic
+from lifeiqa_fast.data.synthetic import LEVELS, make_synthetic
 
 SIZE = 64                          # small: the whole module runs in a few seconds
 REFS = ("astronaut", "rocket")     # a subset whose ids are not contiguous: I01, I04
@@ -67,7 +67,7 @@ def test_labels_follow_the_definition_and_the_levels(root):
 
 
 def test_ssim_matches_skimage():
-    metrics = pytest.importorskip("skimage.metrics")
+    from skimage import metrics
     ref = synthetic.load_reference("coffee", 80)
     dist = synthetic.gaussian_blur(ref, 1.2)
     expected = metrics.structural_similarity(ref, dist, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
@@ -143,3 +143,11 @@ def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError, match="lifeiqa_fast.data.make_synthetic"):
         make_synthetic(tmp_path / "x", **kwargs)
     assert not (tmp_path / "x").exists()
+
+
+def test_without_scikit_image_the_error_names_the_extra_and_no_folder_is_made(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "skimage.data", None)  # import skimage.data now fails
+    root = tmp_path / "synthetic"
+    with pytest.raises(ModuleNotFoundError, match=r"needs the package scikit-image.*\[data\] extra"):
+        make_synthetic(root, size=48, references=("astronaut",))
+    assert not root.exists()

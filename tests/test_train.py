@@ -15,7 +15,6 @@ from lifeiqa_fast.train import TrainConfig, lr_factor, param_groups, read_config
 
 from test_model import TINY, tiny
 
-pytest.importorskip("skimage.data")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

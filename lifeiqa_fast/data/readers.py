@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._optional import require
+
 # LIVE (release 2): the distortion folders in the order of the 982 columns of dmos_realigned.mat, each holding
 # img1.bmp .. imgN.bmp (the authors enumerate the names from these counts rather than listing the folders).
 LIVE_FOLDERS = (("jp2k", 227), ("jpeg", 233), ("wn", 174), ("gblur", 174), ("fastfading", 174))
@@ -96,10 +98,7 @@ class _Layout:
         """The ``wanted`` columns of the first sheet of an .xlsx file (header in row 1), as pandas.read_excel reads
         them in the authors' code: [(where, [value, ...]), ...]."""
         path = self.file(rel)
-        try:
-            import openpyxl
-        except ImportError as exc:
-            raise ImportError(self._error(f"reading {rel} needs openpyxl: pip install openpyxl")) from exc
+        openpyxl = require("openpyxl", "openpyxl", "data", self._error(f"reading {rel}"))
         book = openpyxl.load_workbook(path, read_only=True, data_only=True)
         try:
             rows = list(book.worksheets[0].iter_rows(values_only=True))
@@ -114,7 +113,7 @@ class _Layout:
     def mat(self, rel: str, *keys: str) -> list:
         """The ``keys`` arrays of a MATLAB .mat file (scipy.io.loadmat, as the authors read it)."""
         path = self.file(rel)
-        from scipy import io
+        io = require("scipy.io", "scipy", "data", self._error(f"reading {rel}"))
         data = io.loadmat(str(path))
         absent = [key for key in keys if key not in data]
         if absent:

@@ -63,6 +63,10 @@ import re
 import numpy as np
 from PIL import Image
 
+from .._optional import require
+
+_PHOTOGRAPHS = ("skimage.data", "scikit-image", "data", "the synthetic dataset (its reference photographs)")
+
 SOURCES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina", "motorcycle")  # I01..I07
 DEFAULT_SIZE = 288
 MIN_SIZE = 48  # the label decreases strictly at every size checked, 48..512; at 32 rocket's pixelate 1 < 2
@@ -205,9 +209,8 @@ def dmos_from_ssim(s: float) -> float:
 def load_reference(name: str, size: int) -> np.ndarray:
     """A scikit-image photograph (one of SOURCES), center-cropped to a square and resized (Lanczos)
     to (size, size, 3) uint8."""
-    import skimage.data  # the photographs; imported here so the module itself needs numpy and PIL only
-
-    img = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+    data = require(*_PHOTOGRAPHS)  # imported here: the module itself needs numpy and PIL only
+    img = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
     img = np.asarray(img)[..., :3]  # (H, W, 3) uint8
     h, w = img.shape[:2]
     side = min(h, w)
@@ -306,6 +309,7 @@ def make_synthetic(root, size: int | None = None, seed: int = 0, progress: bool 
     params = _params(size, seed, refs)
     if _existing(root, params):
         return root
+    require(*_PHOTOGRAPHS)  # before any folder is made
     from tqdm.auto import tqdm
 
     (root / "reference_images").mkdir(parents=True, exist_ok=True)

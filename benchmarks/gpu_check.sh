@@ -86,7 +86,9 @@ build() {
 }
 info() { "$PY" -m lifeiqa_fast.info --build >"$OUTDIR/info.txt" 2>&1; }
 export -f build info pytest_run tests_in_parallel
-export PY OUTDIR ARCH PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The GPU machine has only torch, Triton, timm and pytest: test files needing other packages are left out
+# (tests/conftest.py; the pytest logs name them).
+export PY OUTDIR ARCH PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" LIFEIQA_FAST_TESTS_MISSING_OK=1
 step build 240 build || tail -30 "$OUTDIR/build.log"
 step info 60 info
 head -40 "$OUTDIR/info.txt"

@@ -23,6 +23,7 @@ def bench():
     del sys.modules[spec.name]
 
 
+@pytest.mark.slow
 def test_quick_benchmark_runs(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     plot = ["--plot", str(png)]

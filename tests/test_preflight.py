@@ -57,6 +57,7 @@ def triton_report(tmp_path_factory):
     return checks, "\n".join(logs)
 
 
+@pytest.mark.slow
 def test_every_triton_kernel_compiles_for_sm80_and_sm90(triton_report):
     checks, log = triton_report
     failed = [f"{c['target']} {c['kernel']} [{c['case']}]: {c['error']}" for c in checks if not c["ok"]]
@@ -67,6 +68,7 @@ def test_every_triton_kernel_compiles_for_sm80_and_sm90(triton_report):
             assert compiled == _jit_kernels(op), f"{op} on {target}: compiled {compiled}, kernels {_jit_kernels(op)}"
 
 
+@pytest.mark.slow
 def test_preflight_covers_every_dtype_and_the_edge_shapes(triton_report):
     checks, _ = triton_report
     for op in OPS:

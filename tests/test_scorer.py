@@ -236,6 +236,7 @@ def test_bf16_is_close_and_the_callers_model_untouched():
     torch.testing.assert_close(caller.state_dict(), state, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_compiled_matches_eager(model):
     # 1 + 4 crops with batch_size 4: a full batch, then one crop padded to the compiled shape.
     images = [photo("astronaut", 224, 224), photo("coffee", 260, 300)]

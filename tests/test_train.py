@@ -32,6 +32,7 @@ def _config(root, out, **overrides) -> TrainConfig:
     return TrainConfig.preset("synthetic", root, **{**settings, **overrides})
 
 
+@pytest.mark.slow
 def test_short_run_learns_and_writes_its_files(synthetic, tmp_path):
     summary = train(_config(synthetic, tmp_path, epochs=3))
     run = summary["runs"][0]
@@ -46,6 +47,7 @@ def test_short_run_learns_and_writes_its_files(synthetic, tmp_path):
     assert split.count(",train") == 90 and split.count(",test") == 45
 
 
+@pytest.mark.slow
 def test_bf16_autocast_run_with_a_cnn_backbone(synthetic, tmp_path):
     """--amp bf16 on CPU (the fused head under autocast) with a ResNet: trains, and scores its test side."""
     summary = train(_config(synthetic, tmp_path, epochs=1, amp="bf16", backbone="resnet10t", backbone_kwargs={}))
@@ -73,6 +75,7 @@ def _assert_same_run(out, uninterrupted):
     assert all(torch.equal(saved["model"][k], v) for k, v in whole["model"].items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_resumed_run_equals_uninterrupted(synthetic, tmp_path, monkeypatch, uninterrupted, workers):
     """Interrupted in epoch 2 and resumed, with or without data-loading workers (persistent workers once
@@ -135,6 +138,7 @@ train(TrainConfig.preset("synthetic", root, **settings), resume=True)
 """
 
 
+@pytest.mark.slow
 def test_killed_at_random_points_then_resumed_equals_uninterrupted(synthetic, tmp_path, uninterrupted):
     """kill -9 while reading data, just after an optimizer step and halfway through a checkpoint write,
     each at a random call, then resumed to the end: the same weights and numbers as the uninterrupted
@@ -157,6 +161,7 @@ def test_killed_at_random_points_then_resumed_equals_uninterrupted(synthetic, tm
     assert not list((tmp_path / "synthetic" / "run0").glob("*.tmp*"))
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_falls_back_to_the_previous_epoch(synthetic, tmp_path, uninterrupted):
     out = tmp_path / "synthetic" / "run0"
     train(_config(synthetic, tmp_path))
@@ -218,6 +223,7 @@ def test_a_second_process_fails_at_once_while_a_run_holds_the_folder(synthetic, 
     assert result.returncode == 2 and f"in use by another training run (pid {holder.pid}" in result.stderr
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_then_eval(synthetic, tmp_path):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps({"backbone": TINY["backbone"], "backbone_kwargs": TINY["backbone_kwargs"],

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import re
@@ -315,6 +316,23 @@ def cuda_checks() -> list[Check]:
         _judge(check, None)
         checks.append(check)
     return checks
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_preflight() -> dict[str, str]:
+    """Per op, what cuda_checks() found in the loaded _C, in words ({} without CUDA kernels; every op
+    "not checked" where cuobjdump is missing). Cached: info() reports it."""
+    try:
+        checks = cuda_checks()
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        return {op: f"not checked ({exc})" for op in _ext.BUILD_INFO.get("cuda_sources", {})}
+    found = {}
+    for op, entry in summary(checks).get("cuda", {}).items():
+        failed = [c for c in checks if c.op == op and not c.ok]
+        found[op] = (f"passed: {entry['checks']} kernel builds (dtype, template, architecture), no stack (no spill) "
+                     f"outside fp64" if not failed else
+                     f"FAILED: {failed[0].kernel} {failed[0].case} on {failed[0].target}: {failed[0].error}")
+    return found
 
 
 def summary(checks: list[Check]) -> dict:

@@ -6,6 +6,11 @@ import re
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run on CPU tensors through the interpreter: that is how CI tests
+# their logic. It must be set before Triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Every test runs on every machine, GPU tests aside: a package the suite needs that is missing is an
 # install error, reported before any test runs, never a skipped test. module -> pip name.
 TEST_PACKAGES = {"pytest": "pytest", "hypothesis": "hypothesis", "safetensors": "safetensors",

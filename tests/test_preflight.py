@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+import lifeiqa_fast
 from lifeiqa_fast import _ext, preflight
 from lifeiqa_fast.ops import _impl
 
@@ -87,6 +88,8 @@ def test_preflight_record_names_the_current_triton_sources():
         assert record is not None, (f"no preflight record for the current lifeiqa_fast/triton/{op}.py: run "
                                     f"python -m lifeiqa_fast.preflight --record")
         assert set(record["targets"]) == set(preflight.TARGETS)
+        reported = lifeiqa_fast.info()["ops"][op]["preflight"]["triton"]
+        assert reported["preflight"].startswith("passed") and set(reported["compiled_for"]) == set(preflight.TARGETS)
 
 
 def test_judge_fails_spills_at_life_iqa_shapes_and_shared_memory_over_the_limit():
@@ -112,6 +115,7 @@ def test_cuda_kernels_built_for_every_architecture_without_spills():
     archs = {f"sm_{a.replace('.', '')}" for a in _ext.BUILD_INFO["cuda_arch_list"].replace("+PTX", "").split(";")}
     for op in OPS:
         assert {c.target for c in checks if c.op == op} == archs, op
+        assert lifeiqa_fast.info()["ops"][op]["preflight"]["cuda"]["preflight"].startswith("passed"), op
 
 
 def test_build_record_is_compiled_into_the_binary():

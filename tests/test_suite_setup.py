@@ -7,6 +7,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+import torch
+from helpers import impl_params
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # pytest run with scikit-image made unimportable: a finder ahead of the others refuses it.
@@ -44,3 +48,13 @@ def test_on_a_gpu_machine_the_files_needing_it_are_left_out():
     for left_out in ("test_cli.py", "test_scorer.py", "test_synthetic.py"):  # they import skimage
         assert f"{left_out}::" not in proc.stdout
     assert "test_metrics.py::" in proc.stdout and "test_model.py::" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the Triton kernels run compiled, on it")
+def test_without_a_gpu_the_triton_kernels_run_interpreted_not_skipped():
+    """conftest sets TRITON_INTERPRET=1 where there is no GPU, so that every Triton test runs on CPU
+    tensors: no test of the suite is skipped for Triton."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    for op in ("grid_pool", "gcn", "cross_attention", "moe"):
+        triton_cpu = [p for p in impl_params(op) if p.id == "triton-cpu"]
+        assert triton_cpu and not triton_cpu[0].marks, (op, triton_cpu)

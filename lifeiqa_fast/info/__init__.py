@@ -16,6 +16,7 @@ from .._version import __version__
 from ..ops._impl import choose, preflight_record, triton_status, validation
 from ..ops.cross_attention import MAX_HEAD_DIM, MAX_QUERIES
 from ..ops.gcn import MAX_TOKENS
+from ..preflight import cuda_preflight
 
 OPS = ("grid_pool", "gcn", "cross_attention", "moe")
 
@@ -60,8 +61,10 @@ def info() -> dict:
         validated = {backend: validation(op, backend) for backend in ("cuda", "triton")}
         record = preflight_record(op)
         # What each GPU kernel was checked for without a GPU: the CUDA kernels' architectures as compiled
-        # into _C; the Triton kernels' targets from the preflight record of their current source.
-        checked = {"cuda": {"compiled_for": arch_list.split(";") if kernels["cuda"] and arch_list else []},
+        # into _C and their resources read from it; the Triton kernels' targets from the preflight record
+        # of their current source.
+        checked = {"cuda": {"compiled_for": arch_list.split(";") if kernels["cuda"] and arch_list else [],
+                            "preflight": cuda_preflight().get(op) if kernels["cuda"] else None},
                    "triton": {"compiled_for": record["targets"] if record else [],
                               "preflight": f"passed with Triton {record['triton']} ({record['checks']} kernel "
                                            f"compilations)" if record else None}}
@@ -112,9 +115,10 @@ def format_info(report: dict) -> str:
         for backend, record in entry["gpu_validation"].items():
             checked = entry["preflight"][backend]
             built = f"compiled for {', '.join(checked['compiled_for'])}" if checked["compiled_for"] else "not compiled"
-            if backend == "triton":
-                built = (f"preflight {checked['preflight']}, {built}" if checked["preflight"] else
-                         "no preflight at this source (python -m lifeiqa_fast.preflight --record)")
+            if checked["preflight"]:
+                built = f"preflight {checked['preflight']}; {built}"
+            elif backend == "triton":
+                built = "no preflight at this source (python -m lifeiqa_fast.preflight --record)"
             status = f"validated on {record['gpu']} ({record['date']})" if record else "never validated on a GPU"
             lines.append(f"    {backend} kernel: {built}; {status}")
         for device, choice in entry["auto"].items():

@@ -40,11 +40,14 @@ def triton_report(tmp_path_factory):
         pytest.skip(f"no ptxas to compile Triton kernels with: {exc}")
     folder = tmp_path_factory.mktemp("preflight")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cache = pathlib.Path(knobs.cache.dir)
 
     def run(target):
         out = folder / f"{target}.json"
+        # A Triton cache of its own per process: two processes filling one cold cache at once lost files.
+        own = {**env, "TRITON_CACHE_DIR": str(cache / f"lifeiqa-preflight-{target}")}
         proc = subprocess.run([sys.executable, "-m", "lifeiqa_fast.preflight", "--no-cuda", "--targets", target,
-                               "--json", str(out)], capture_output=True, text=True, env=env, timeout=1200)
+                               "--json", str(out)], capture_output=True, text=True, env=own, timeout=1200)
         return proc, out
 
     with ThreadPoolExecutor(2) as pool:

@@ -16,7 +16,6 @@ from .._version import __version__
 from ..ops._impl import choose, preflight_record, triton_status, validation
 from ..ops.cross_attention import MAX_HEAD_DIM, MAX_QUERIES
 from ..ops.gcn import MAX_TOKENS
-from ..preflight import cuda_preflight
 
 OPS = ("grid_pool", "gcn", "cross_attention", "moe")
 
@@ -48,6 +47,8 @@ def _cpu_model() -> str:
 def info() -> dict:
     """Versions, the compiled extension, the devices, and per op and device type the auto choice and why
     (CPU and CUDA whether or not a GPU is present: what a model moved there would run)."""
+    from ..preflight import cuda_preflight  # here: `python -m lifeiqa_fast.preflight` runs it as __main__
+
     devices = ["cpu", "cuda"]
     built_cuda = bool(_ext.BUILD_INFO.get("cuda"))
     arch_list = _ext.BUILD_INFO.get("cuda_arch_list")

@@ -35,10 +35,10 @@ inline int max_smem_optin() {
   return optin;
 }
 
-// Lets `kernel` launch on the current device with up to the device's opt-in maximum of dynamic shared
-// memory (beyond the default 48 KiB). Set once per (kernel, device), to the most any launch can ask:
-// set per call to each call's size, a host thread could lower the limit between another thread's set
-// and its launch.
+// Lets `kernel` launch on the current device with up to the device's opt-in maximum of shared memory
+// (beyond the default 48 KiB of dynamic shared memory), less its static shared memory. Set once per
+// (kernel, device), to the most any launch can ask: set per call to each call's size, a host thread
+// could lower the limit between another thread's set and its launch.
 template <typename Kernel>
 void allow_max_smem(Kernel kernel) {
   static std::mutex mutex;
@@ -48,7 +48,10 @@ void allow_max_smem(Kernel kernel) {
   const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), device};
   const std::lock_guard<std::mutex> lock(mutex);
   if (done.count(key)) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_optin()));
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  const int dynamic = max_smem_optin() - static_cast<int>(attributes.sharedSizeBytes);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic));
   done.insert(key);
 }
 

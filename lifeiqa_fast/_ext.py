@@ -50,8 +50,16 @@ if not LOADED:
 
 def _read_build_info() -> dict:
     """What the loaded _C was compiled from, as compiled into it (setup.py, csrc/library.cpp): the CUDA
-    source hashes name the kernels a GPU validation record applies to. {} when _C is not loaded."""
-    return json.loads(torch.ops.lifeiqa_fast.build_info()) if LOADED else {}
+    source hashes name the kernels a GPU validation record applies to. {} when _C is not loaded, or was
+    built from a source older than that op (it then records nothing any validation could match)."""
+    if not LOADED:
+        return {}
+    if not hasattr(torch.ops.lifeiqa_fast, "build_info"):
+        warnings.warn("lifeiqa_fast: the compiled extension _C predates its build record; rebuild it "
+                      "(pip install --no-build-isolation -e .) for the GPU kernels to be recognised",
+                      RuntimeWarning, stacklevel=2)
+        return {}
+    return json.loads(torch.ops.lifeiqa_fast.build_info())
 
 
 BUILD_INFO = _read_build_info()

@@ -144,7 +144,7 @@ def test_gradcheck_float64(impl_device):
         out, aux, z = ops.moe(*args, k, mask, impl=impl)
         return out, aux, z
 
-    assert torch.autograd.gradcheck(fn, leaves, fast_mode=impl == "triton")  # see test_cross_attention
+    assert torch.autograd.gradcheck(fn, leaves, fast_mode=impl == "triton" and device == "cpu")  # see test_cross_attention
 
 
 @pytest.mark.parametrize("impl_device", impl_params("moe"))

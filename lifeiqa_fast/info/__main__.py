@@ -8,7 +8,10 @@ print(format_info(info()))
 if "--build" in sys.argv[1:]:
     from ..preflight import cuda_checks
 
-    checks = cuda_checks()
+    try:
+        checks = cuda_checks()
+    except (RuntimeError, OSError) as exc:  # no cuobjdump, or it failed
+        sys.exit(f"CUDA kernels in _C: not checked ({exc})")
     print("CUDA kernels in _C (registers, stack bytes, static shared bytes):" if checks else
           "CUDA kernels in _C: none (built without CUDA, or _C not loaded)")
     for c in checks:

@@ -3,7 +3,6 @@ package and the extra that brings it (pyproject.toml, [project.optional-dependen
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 
 def require(module: str, package: str, extra: str, feature: str):
@@ -17,11 +16,3 @@ def require(module: str, package: str, extra: str, feature: str):
         raise ModuleNotFoundError(
             f"{feature} needs the package {package}, which is not installed: pip install {package} (or the "
             f"[{extra}] extra: pip install --no-build-isolation -e \".[{extra}]\")", name=module) from None
-
-
-def missing(module: str) -> bool:
-    """Whether `module` cannot be imported (found without importing it)."""
-    try:
-        return importlib.util.find_spec(module) is None
-    except ModuleNotFoundError:  # a parent package is missing
-        return True

@@ -68,12 +68,13 @@ def _cuobjdump() -> str | None:
     found = shutil.which("cuobjdump")
     if found:
         return found
-    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    candidates = [os.path.join(home, "bin", "cuobjdump")]
-    with contextlib.suppress(ImportError):
-        import triton
-        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
-    return next((c for c in candidates if os.path.exists(c)), None)
+    home = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")
+    if os.path.exists(home):
+        return home
+    with contextlib.suppress(ImportError, RuntimeError):  # Triton's own (RuntimeError: it has none)
+        from triton import knobs
+        return knobs.nvidia.cuobjdump.path
+    return None
 
 
 def resource_usage(path: str) -> list[tuple[str, str, dict]]:
@@ -102,7 +103,7 @@ def resource_usage(path: str) -> list[tuple[str, str, dict]]:
 
 
 def _triton_cases():
-    """(op, case name, fp64 or not, a function that calls the op's Triton wrappers) for every case."""
+    """(op, case name, a function of the dtype that calls the op's Triton wrappers) for every case."""
     from .triton import cross_attention, gcn, grid_pool, moe
 
     def t(*shape, dtype):
@@ -174,13 +175,14 @@ def _launches_compiled(target, on_compile):
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
     backend = make_backend(target)
-    seen = {}
+    seen, binders = {}, {}
 
     def run(self, *args, grid, warmup, **kwargs):
         kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
         kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-        binder = create_function_from_signature(self.signature, self.params, backend)
-        bound, specialization, options = binder(*args, **kwargs)
+        if self not in binders:  # as JITFunction.create_binder: made once per kernel
+            binders[self] = create_function_from_signature(self.signature, self.params, backend)
+        bound, specialization, options = binders[self](*args, **kwargs)
         options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization, options)
         key = (self.__name__, repr(signature), repr(constexprs), repr(attrs), repr(options))
         if key not in seen:
@@ -199,14 +201,14 @@ def _launches_compiled(target, on_compile):
         JITFunction.run = original
 
 
-def _first_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    return text[:600]
+def _message(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".strip()[:600]
 
 
 def triton_checks(targets=tuple(TARGETS), dtypes=tuple(DTYPES), ops=None, progress=None) -> list[Check]:
     """Compile every Triton kernel of every case (of `ops`, None: all) for each target and dtype; one
-    Check per distinct compilation (a specialisation reached again by a later case is not repeated)."""
+    Check per distinct compilation within a case and dtype (another case reaching the same
+    specialisation is checked again, under its own name; Triton's cache makes it cheap)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the Triton preflight compiles kernels: run it with TRITON_INTERPRET unset")
     from triton.backends.compiler import GPUTarget
@@ -224,7 +226,7 @@ def triton_checks(targets=tuple(TARGETS), dtypes=tuple(DTYPES), ops=None, progre
                     check = Check("triton", op, kernel, target_name, case, fp64,
                                   life_iqa=case.startswith("Life-IQA"))
                     if isinstance(result, BaseException):
-                        check.ok, check.error = False, _first_line(result)
+                        check.ok, check.error = False, _message(result)
                     else:
                         _triton_resources(check, result, smem_limit)
                     checks.append(check)
@@ -371,6 +373,16 @@ def main(argv=None) -> int:
                         help="record the Triton sources that passed in lifeiqa_fast/preflight.json (all targets "
                              "and dtypes only)")
     args = parser.parse_args(argv)
+    from .info import OPS
+
+    for option, given, known in (("--targets", args.targets, TARGETS), ("--dtypes", args.dtypes, DTYPES),
+                                 ("--ops", args.ops or "", OPS)):
+        unknown = [v for v in given.split(",") if v and v not in known]
+        if unknown:
+            parser.error(f"{option}: unknown {unknown}, choose from {list(known)}")
+    if args.record and (args.targets, args.dtypes, args.ops, args.no_triton) != (",".join(TARGETS),
+                                                                               ",".join(DTYPES), None, False):
+        parser.error("--record needs every op, target and dtype")  # before minutes of compiling
     import triton
 
     def show(c: Check) -> None:
@@ -392,8 +404,6 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     if args.record:
-        if (args.targets, args.dtypes, args.ops, args.no_triton) != (",".join(TARGETS), ",".join(DTYPES), None, False):
-            parser.error("--record needs every op, target and dtype")
         _record(checks, triton.__version__)
     failed = [c for c in checks if not c.ok]
     print(f"preflight with Triton {triton.__version__}: {len(checks) - len(failed)} of {len(checks)} checks "

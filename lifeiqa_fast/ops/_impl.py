@@ -57,10 +57,28 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+PREFLIGHT_RECORD = _ext.PACKAGE_DIR / "preflight.json"
+
+
+def _read_records(path) -> tuple[dict, ...]:
+    """The "records" of validation.json or preflight.json: each names an op, a backend and the sha256 of
+    the kernel source it holds for."""
+    return tuple(json.loads(path.read_text())["records"]) if path.exists() else ()
+
+
 @functools.lru_cache(maxsize=None)
 def _validation_records() -> tuple[dict, ...]:
-    path = _ext.PACKAGE_DIR / "validation.json"
-    return tuple(json.loads(path.read_text())["records"]) if path.exists() else ()
+    return _read_records(_ext.PACKAGE_DIR / "validation.json")
+
+
+@functools.lru_cache(maxsize=None)
+def _preflight_records() -> tuple[dict, ...]:
+    return _read_records(PREFLIGHT_RECORD)
+
+
+def _record_of_current_source(records: tuple[dict, ...], op: str, backend: str) -> dict | None:
+    digest = source_hash(op, backend)
+    return next((r for r in records if r["op"] == op and r["backend"] == backend and r["source"] == digest), None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,28 +90,16 @@ def source_hash(op: str, backend: str) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
-PREFLIGHT_RECORD = _ext.PACKAGE_DIR / "preflight.json"
-
-
-@functools.lru_cache(maxsize=None)
 def preflight_record(op: str) -> dict | None:
     """The record of a passing Triton preflight of op's current source (python -m lifeiqa_fast.preflight
     --record): compiled for sm_80 and sm_90 in every dtype, within shared memory, no spill at Life-IQA's
     shapes. None if the source changed since."""
-    if not PREFLIGHT_RECORD.exists():
-        return None
-    digest = source_hash(op, "triton")
-    records = json.loads(PREFLIGHT_RECORD.read_text())["records"]
-    return next((r for r in records if r["op"] == op and r["source"] == digest), None)
+    return _record_of_current_source(_preflight_records(), op, "triton")
 
 
 def validation(op: str, backend: str) -> dict | None:
     """The GPU validation record of this op's backend ("cuda" or "triton") at its current source, if any."""
-    digest = source_hash(op, backend)
-    for record in _validation_records():
-        if record["op"] == op and record["backend"] == backend and record["source"] == digest:
-            return record
-    return None
+    return _record_of_current_source(_validation_records(), op, backend)
 
 
 def _why_not(op: str, impl: str, device_type: str) -> str | None:

@@ -12,14 +12,15 @@ import tempfile
 from collections.abc import Callable
 from typing import TextIO
 
-NO_CHECKPOINT = """\
-lifeiqa-fast score: --checkpoint is required.
+NO_MODEL = """\
+lifeiqa-fast {command}: -m/--model is required.
 Life-IQA has no use without trained weights: its head is trained on a quality dataset (KonIQ-10k,
-SPAQ, LIVEC, ...), so a random model scores noise. Get weights in one of two ways:
+SPAQ, LIVEC, ...), so a random model scores noise. Get weights in one of these ways:
   - the authors' released checkpoints (github.com/TANGLONG2/Life-IQA), which load as they are;
-  - train one: the model is lifeiqa_fast.LifeIQA, a torch module; save it with
-    lifeiqa_fast.save_checkpoint(model, "ckpt.pth").
-Then: lifeiqa-fast score PATH... --checkpoint ckpt.pth"""
+  - train one: lifeiqa-fast train writes OUT/DATASET/run<r>/best/, a save_pretrained folder;
+  - a folder or Hugging Face Hub repo someone wrote with lifeiqa_fast.save_pretrained.
+Then: lifeiqa-fast {command} ... -m MODEL (a .pth file, a folder, or a Hub repo id owner/name)"""
+OUTPUT_FORMATS = {".json": "--json", ".csv": "--csv"}  # -o/--output's format, from its suffix
 
 
 # `lifeiqa-fast train`'s flags that override a TrainConfig field: (flag, field, type, help).
@@ -65,16 +66,28 @@ def _resize(value: str):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lifeiqa-fast", description="Life-IQA image quality scores, fast.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--list-datasets", action="store_true",
+                        help="list the datasets (training presets) and the scale of their scores, then exit")
+    commands = parser.add_subparsers(dest="command")
     score = commands.add_parser("score", help="score images", description=(
         "Score image files, folders (searched recursively) and globs. Unreadable files (broken links, FIFOs "
         "and devices too) are reported and skipped; the exit status is 1 if any were, 2 for bad arguments "
-        "(an output file that cannot be written included), 0 otherwise."))
+        "(an output file that cannot be written included), 0 otherwise. Under torchrun (torchrun "
+        "--nproc-per-node N -m lifeiqa_fast.cli score ...) the files are shared among the processes and "
+        "rank 0 writes the output, in input order."))
     score.add_argument("paths", nargs="+", metavar="PATH")
-    score.add_argument("--checkpoint", help="Life-IQA weights: an official checkpoint or save_checkpoint's file")
+    _model_argument(score)
+    score.add_argument("--protocol", choices=["grid", "official"],
+                       help="official: the authors' test protocol (PATCH_NUM seeded random crops for the model's "
+                            "dataset, fp32, their resize), to reproduce paper numbers; grid: --crops grid")
     score.add_argument("--crops", type=_crops, default="grid",
-                       help="'grid' (default: a deterministic grid of 224 crops covering the image) or N random "
-                            "224 crops (the authors' test protocol, seeded)")
+                       help="'grid' (default: a deterministic grid of 224 crops spread over the image) or N random "
+                            "224 crops (seeded)")
+    score.add_argument("--max-crops", type=int, default=20, help="the most crops of a grid (default 20; 0: no cap)")
+    score.add_argument("--dataset", help="the model's training set, when its file does not record it (sets the "
+                                         "score scale, the resize and the official crops)")
+    score.add_argument("--normalize", action="store_true",
+                       help="scores mapped to [0, 1], 1 the best (needs a known score scale)")
     score.add_argument("--seed", type=int, default=0, help="seed of the random crops (default 0)")
     score.add_argument("--resize", type=_resize, default="auto",
                        help="auto (default: 512x384 for KonIQ/SPAQ checkpoints), none, HxW, or a short side S")
@@ -86,9 +99,18 @@ def _parser() -> argparse.ArgumentParser:
                        help="torch.compile the model (a one-time 10-45 s; a few %% faster on a CPU)")
     score.add_argument("--impl", default="auto", help="the head's kernels (default auto)")
     out = score.add_mutually_exclusive_group()
-    out.add_argument("--json", metavar="OUT", help="write [{path, score, error}, ...] to OUT")
+    out.add_argument("-o", "--output", metavar="FILE", help="write the scores to FILE, as JSON or CSV by its suffix")
+    out.add_argument("--json", metavar="OUT", help="write {model, dataset, score_scale, ..., scores: [{path, score, "
+                                                  "error}, ...]} to OUT")
     out.add_argument("--csv", metavar="OUT", help="write path,score,error rows to OUT")
     commands.add_parser("info", help="what was built and which kernels impl='auto' picks")
+
+    export = commands.add_parser("export", help="export a model for deployment (ONNX)", description=(
+        "Export the model, input RGB 224 x 224 crops in [0, 1] (B, 3, 224, 224), output one score per crop, "
+        "through torch.onnx's dynamo exporter; what the score means is in the file's metadata."))
+    _model_argument(export)
+    export.add_argument("--onnx", metavar="OUT", required=True, help="the .onnx file to write")
+    export.add_argument("--batch", default="dynamic", help="dynamic (default) or a fixed batch size")
 
     train = commands.add_parser("train", help="train with the authors' protocol", description=(
         "Train Life-IQA on a dataset with the authors' recipe (per-dataset presets from their configs), "
@@ -108,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
         train.add_argument(flag, dest=dest, type=kind, help=what)
 
     ev = commands.add_parser("eval", help="SRCC/PLCC/KRCC of a checkpoint on a dataset")
-    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("-m", "--model", "--checkpoint", dest="model", required=True,
+                    help="a .pth checkpoint, a save_pretrained folder or a Hub repo id")
     ev.add_argument("--dataset", required=True)
     ev.add_argument("--root", required=True)
     ev.add_argument("--split", help="a split CSV: evaluate its test side (default: every image)")
@@ -116,6 +139,26 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--device")
     return parser
+
+
+def _model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", "--checkpoint", dest="model", metavar="MODEL",
+                        help="Life-IQA weights: a .pth checkpoint (the authors' or save_checkpoint's), a "
+                             "save_pretrained folder, or a Hugging Face Hub repo id (owner/name)")
+
+
+def _list_datasets() -> int:
+    from .scale import DATASET_SCALES
+    from .scorer import RESIZED_DATASETS
+    from .train import PRESETS
+
+    print(f"{'dataset':<10} {'label':<28} {'range':>10}  {'better':<7} {'official crops':>14}  resize")
+    for name, scale in DATASET_SCALES.items():
+        low, high = scale.score_range
+        resize = "x".join(map(str, RESIZED_DATASETS[name])) if name in RESIZED_DATASETS else "-"
+        print(f"{name:<10} {scale.label:<28} {f'{low:g}..{high:g}':>10}  {'lower' if scale.lower_better else 'higher':<7} "
+              f"{PRESETS[name]['patch_num']:>14}  {resize}")
+    return 0
 
 
 def _train(args) -> int:
@@ -145,7 +188,7 @@ def _eval(args) -> int:
     from .train import evaluate_checkpoint
 
     try:
-        result = evaluate_checkpoint(args.checkpoint, args.dataset, args.root, args.split, args.crops,
+        result = evaluate_checkpoint(args.model, args.dataset, args.root, args.split, args.crops,
                                      args.batch_size, args.device)
     except (OSError, ValueError) as exc:
         print(f"lifeiqa-fast eval: {exc}", file=sys.stderr)
@@ -203,22 +246,41 @@ def _write_output(path: str, write: Callable[[TextIO], None]) -> None:
         raise
 
 
-def _score(args) -> int:
-    from . import Scorer
-    from .scorer import find_images
-
-    if not args.checkpoint:
-        print(NO_CHECKPOINT, file=sys.stderr)
-        return 2
-    if args.batch_size < 1:
-        print(f"lifeiqa-fast score: --batch-size must be positive, got {args.batch_size}", file=sys.stderr)
-        return 2
-    outputs = [(option, path) for option, path in (("--json", args.json), ("--csv", args.csv)) if path]
-    for option, path in outputs:
+def _outputs(args) -> list[tuple[str, str, str]] | str:
+    """(option, path, format) of each output asked for, or why one cannot be written (checked before
+    scoring, so that a typo costs no scoring run)."""
+    outputs = [(option, path, option[2:]) for option, path in (("--json", args.json), ("--csv", args.csv)) if path]
+    if args.output:
+        suffix = os.path.splitext(args.output)[1].lower()
+        if suffix not in OUTPUT_FORMATS:
+            return f"-o {args.output}: the suffix must be .json or .csv (the output's format), got {suffix or 'none'}"
+        outputs.append(("-o", args.output, OUTPUT_FORMATS[suffix][2:]))
+    for option, path, _ in outputs:
         why = _output_problem(path)
         if why:
-            print(f"lifeiqa-fast score: {option} {path}: {why}", file=sys.stderr)
-            return 2
+            return f"{option} {path}: {why}"
+    return outputs
+
+
+def _score(args) -> int:
+    from . import Scorer
+    from .distributed import agree, join, local_device, sharded
+    from .scorer import find_images
+
+    rank, world = join()
+    if not args.model:
+        print(NO_MODEL.format(command="score"), file=sys.stderr)
+        return 2
+    problem = None
+    if args.batch_size < 1 or args.max_crops < 0:
+        problem = f"--batch-size must be positive and --max-crops >= 0, got {args.batch_size}, {args.max_crops}"
+    if args.protocol == "official" and args.crops != "grid":
+        problem = "--protocol official sets the crops: leave out --crops"
+    outputs = _outputs(args) if rank == 0 and problem is None else []
+    problem = agree(outputs if isinstance(outputs, str) else problem)  # every process stops, or none
+    if problem:
+        print(f"lifeiqa-fast score: {problem}", file=sys.stderr)
+        return 2
     try:
         files = find_images(args.paths)
     except FileNotFoundError as exc:
@@ -227,36 +289,55 @@ def _score(args) -> int:
     if not files:
         print("lifeiqa-fast score: no image files found in " + " ".join(args.paths), file=sys.stderr)
         return 2
+    crops = "official" if args.protocol == "official" else args.crops
     try:
-        scorer = Scorer(args.checkpoint, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                        crops=args.crops, seed=args.seed, resize=args.resize, compile=args.compile, impl=args.impl,
-                        progress=True)
+        scorer = Scorer(args.model, device=args.device or (local_device() if world > 1 else None), dtype=args.dtype,
+                        batch_size=args.batch_size, crops=crops, seed=args.seed, resize=args.resize,
+                        compile=args.compile, impl=args.impl, progress=rank == 0, dataset=args.dataset,
+                        normalize=args.normalize, max_crops=args.max_crops or None)
     except (OSError, ValueError, TypeError, RuntimeError) as exc:
         print(f"lifeiqa-fast score: {exc}", file=sys.stderr)
         return 2
+    if rank == 0:
+        print(f"# model {args.model}; {scorer.scale.describe()}" + ("; normalized to 0..1, higher is better"
+                                                                    if args.normalize else ""))
+        print(f"# {len(files)} images; crops {scorer.crops}" + (f" (at most {scorer.max_crops})"
+                                                               if scorer.crops == "grid" and scorer.max_crops else "")
+              + f", resize {scorer.resize or 'none'}, {str(scorer.dtype).replace('torch.', '')}"
+              + (f", {world} processes" if world > 1 else ""))
     try:
-        results = scorer.score_files(files)
+        results = sharded(files, scorer.score_files)
     except (OSError, ValueError, RuntimeError) as exc:  # out of memory, an implementation that cannot run, ...
         print(f"lifeiqa-fast score: {exc}", file=sys.stderr)
         return 2
+    skipped = [r for r in results if r.error is not None]
+    if rank != 0:
+        return 1 if skipped else 0
     width = max(len(str(r.path)) for r in results)
     for r in results:
         print(f"{str(r.path):<{width}}  {r.score:8.4f}" if r.error is None else f"{str(r.path):<{width}}  skipped")
+    scored = [r.score for r in results if r.error is None]
+    mean = sum(scored) / len(scored) if scored else None
+    if mean is not None:
+        print(f"# mean score {mean:.4f} over {len(scored)} images")
     rows = [{"path": str(r.path), "score": r.score, "error": r.error} for r in results]
+    report = {"model": str(args.model), "dataset": scorer.dataset, "score_scale": scorer.scale.as_dict(),
+              "normalized": scorer.normalize, "score_range": scorer.score_range, "lower_better": scorer.lower_better,
+              "crops": scorer.crops, "max_crops": scorer.max_crops, "resize": scorer.resize,
+              "dtype": str(scorer.dtype).replace("torch.", ""), "mean_score": mean, "scores": rows}
 
     def write_csv(f):
         writer = csv.DictWriter(f, fieldnames=["path", "score", "error"])
         writer.writeheader()
         writer.writerows(rows)
 
-    writers = {"--json": lambda f: json.dump(rows, f, indent=1), "--csv": write_csv}
-    for option, path in outputs:
+    writers = {"json": lambda f: json.dump(report, f, indent=1), "csv": write_csv}
+    for option, path, kind in outputs:
         try:
-            _write_output(path, writers[option])
+            _write_output(path, writers[kind])
         except OSError as exc:  # checked before scoring; since then the disk filled, the folder went, ...
             print(f"lifeiqa-fast score: {option} {path}: cannot write: {exc}", file=sys.stderr)
             return 2
-    skipped = [r for r in results if r.error is not None]
     for r in skipped:
         print(r.error, file=sys.stderr)
     if skipped:
@@ -264,14 +345,35 @@ def _score(args) -> int:
     return 1 if skipped else 0
 
 
+def _export(args) -> int:
+    from .export import export_onnx
+
+    if not args.model:
+        print(NO_MODEL.format(command="export"), file=sys.stderr)
+        return 2
+    batch = args.batch if args.batch == "dynamic" else int(args.batch) if args.batch.isdigit() else args.batch
+    try:
+        path = export_onnx(args.model, args.onnx, batch=batch)
+    except (OSError, ValueError, TypeError, RuntimeError, ModuleNotFoundError) as exc:
+        print(f"lifeiqa-fast export: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.list_datasets:
+        return _list_datasets()
+    if args.command is None:
+        parser.error("a command is required (score, train, eval, export, info), or --list-datasets")
     if args.command == "info":
         from .info import format_info, info
 
         print(format_info(info()))
         return 0
-    return {"score": _score, "train": _train, "eval": _eval}[args.command](args)
+    return {"score": _score, "train": _train, "eval": _eval, "export": _export}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -440,6 +440,19 @@ class LifeIQA(FusedForward, nn.Module):
         self.fc = nn.Linear(embed_dim, 1)
         self.impl = impl
 
+    def save_pretrained(self, directory, dataset: str | None = None):
+        """lifeiqa_fast.pretrained.save_pretrained(self, directory, dataset)."""
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, directory, dataset)
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, **kwargs) -> LifeIQA:
+        """lifeiqa_fast.pretrained.from_pretrained(name_or_dir, **kwargs): a local folder or Hub repo id."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(name_or_dir, **kwargs)
+
 def _checkpoint_globals() -> dict[str, object]:
     """Every global beyond torch's own that a checkpoint file may name, exactly, with what each loads as.
     The authors' checkpoints hold a numpy float64 (max_plcc, from scipy) and their yacs config: numpy's

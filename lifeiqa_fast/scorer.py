@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import math
 import os
 import stat
 import warnings
@@ -23,7 +24,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from .model import config_value, load_checkpoint, optimize
+from .model import config_value, optimize
+from .pretrained import load_model
+from .scale import DATASET_SCALES, ScoreScale, dataset_of, scale_of
 
 CROP = 224
 MEAN = (0.485, 0.456, 0.406)  # ImageNet, as the authors' Normalize
@@ -35,7 +38,8 @@ DECODE_THREADS = min(4, os.cpu_count() or 1)  # files decoded ahead of the model
 # A float image is in [0, 1]; this much past either end is accepted as rounding (a float resize or
 # colour conversion overshoots by a few ulps), and clipped.
 FLOAT_SLACK = 1e-3
-FLOAT_KIND = "a float image (RGB, not normalised; uint8 holds 0..255)"
+FLOAT_KIND = "a float image (RGB or grey, not normalised; uint8 holds 0..255)"
+MAX_CROPS = 20  # the default cap of a grid's crops (crop_corners): a 12-megapixel photograph would have 252
 # What a path that is not a regular file is, for the message that reports it (load_image).
 FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
@@ -128,17 +132,25 @@ def _pil_problem(image: Image.Image) -> str | None:
     return why
 
 
-def _check_image(image, name: str) -> None:
+def _float_problem(lo: float, hi: float, data_range: float) -> str | None:
+    """_range_problem of a float tensor or array whose values span lo..hi, against data_range."""
+    why = _range_problem(lo, hi, FLOAT_KIND, data_range, FLOAT_SLACK * data_range)
+    if why and data_range == 1 and lo >= 0 and 1 < hi <= 255 * (1 + FLOAT_SLACK):
+        why += " (a float image in 0..255 needs data_range=255)"
+    return why
+
+
+def _check_image(image, name: str, data_range: float = 1.0) -> None:
     """Raises TypeError or ValueError, naming the argument name, unless image is an in-memory image
-    that can be scored as it is: a PIL image; a numpy array (H, W) or (H, W, 3 or 4), a tensor
-    (3, H, W); RGB, uint8 (0..255) or float in [0, 1] (FLOAT_SLACK of rounding allowed): a float
-    image in 0..255 or normalised to [-1, 1] would otherwise be scored silently wrong; at least one
-    pixel. Runs once per image, before any is scored (one pass over a float image for its range)."""
+    that can be scored as it is: a PIL image; a numpy array (H, W) or (H, W, 1, 3 or 4), a tensor
+    (1 or 3, H, W); uint8 (0..255) or float in [0, data_range] (FLOAT_SLACK of rounding allowed): a
+    float image in 0..255 or normalised to [-1, 1] would otherwise be scored silently wrong; at least
+    one pixel. Runs once per image, before any is scored (one pass over a float image for its range)."""
     if isinstance(image, Image.Image):
         why = _pil_problem(image)
     elif isinstance(image, np.ndarray):
-        if image.ndim not in (2, 3) or image.ndim == 3 and image.shape[2] not in (3, 4):
-            raise ValueError(f"lifeiqa_fast: {name}: a numpy image must be (H, W) or (H, W, 3 or 4), got "
+        if image.ndim not in (2, 3) or image.ndim == 3 and image.shape[2] not in (1, 3, 4):
+            raise ValueError(f"lifeiqa_fast: {name}: a numpy image must be (H, W) or (H, W, 1, 3 or 4), got "
                              f"{image.shape}")
         floating = np.issubdtype(image.dtype, np.floating)
         if image.dtype != np.uint8 and not floating:
@@ -147,16 +159,17 @@ def _check_image(image, name: str) -> None:
         why = _size_problem(*image.shape[:2])
         if why is None and floating:
             pixels = image if image.ndim == 2 else image[:, :, :3]  # an alpha channel is dropped, unchecked
-            why = _range_problem(float(pixels.min()), float(pixels.max()), FLOAT_KIND, 1, FLOAT_SLACK)
+            why = _float_problem(float(pixels.min()), float(pixels.max()), data_range)
     elif isinstance(image, Tensor):
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"lifeiqa_fast: {name}: an image tensor must be (3, H, W), got {tuple(image.shape)}")
+        if image.dim() != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"lifeiqa_fast: {name}: an image tensor must be (3, H, W) or (1, H, W), got "
+                             f"{tuple(image.shape)}")
         if image.dtype != torch.uint8 and not image.is_floating_point():
             raise ValueError(f"lifeiqa_fast: {name}: an image (tensor or array) must be uint8 or floating point, "
                              f"got {image.dtype}")
         why = _size_problem(*image.shape[1:])
         if why is None and image.is_floating_point():
-            why = _range_problem(*_value_range(image), FLOAT_KIND, 1, FLOAT_SLACK)
+            why = _float_problem(*_value_range(image), data_range)
     else:
         raise TypeError(f"lifeiqa_fast: {name}: an image must be a path, PIL image, numpy array or tensor, "
                         f"got {type(image).__name__}")
@@ -169,16 +182,23 @@ def _value_range(t: Tensor) -> tuple[float, float]:
     return tuple(torch.stack(torch.aminmax(t.detach())).tolist())
 
 
-def _check_batch(images: Tensor) -> None:
-    """_check_image for each image of a (B, 3, H, W) batch, B >= 1, with the values' range read for the
-    whole batch at once (a host sync per image would stall a GPU): the image out of range is looked
+def _check_batch(images: Tensor, data_range: float = 1.0) -> None:
+    """_check_image for each image of a (B, 1 or 3, H, W) batch, B >= 1, with the values' range read for
+    the whole batch at once (a host sync per image would stall a GPU): the image out of range is looked
     for, and named, only when the batch's range is."""
     if images.shape[0] == 0:
         raise ValueError("lifeiqa_fast.Scorer: the image batch is empty")
-    _check_image(images[0], "images[0]")  # shape, dtype and size: the same for every image
-    if images.is_floating_point() and _range_problem(*_value_range(images), FLOAT_KIND, 1, FLOAT_SLACK):
+    _check_image(images[0], "images[0]", data_range)  # shape, dtype and size: the same for every image
+    if images.is_floating_point() and _float_problem(*_value_range(images), data_range):
         for i, image in enumerate(images):
-            _check_image(image, f"images[{i}]")
+            _check_image(image, f"images[{i}]", data_range)
+
+
+def _unit_range(image, data_range: float):
+    """An in-memory float image (tensor or array) that _check_image passed, divided by data_range."""
+    floating = isinstance(image, Tensor) and image.is_floating_point() or (
+        isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating))
+    return image / data_range if floating and data_range != 1 else image
 
 
 def load_image(path: str | os.PathLike):
@@ -208,20 +228,20 @@ def load_image(path: str | os.PathLike):
 
 def _as_chw(image) -> tuple[object, Tensor | None]:
     """(PIL image or None, (3, H, W) tensor or None), exactly one set, of a path or of an in-memory
-    image that _check_image has passed: arrays (H, W) or (H, W, 3 or 4) become (3, H, W) tensors,
-    PIL images RGB."""
+    image that _check_image has passed: arrays (H, W) or (H, W, 1, 3 or 4) and (1, H, W) tensors become
+    (3, H, W) tensors, PIL images RGB."""
     if isinstance(image, (str, os.PathLike)):
         return load_image(image), None
     if isinstance(image, Image.Image):
         return _rgb(image), None
     if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim == 2 or image.shape[2] == 1:
+            image = np.repeat(image.reshape(*image.shape[:2], 1), 3, axis=2)
         rgb = np.ascontiguousarray(image[:, :, :3])
         # A read-only array (np.asarray of a PIL image, a memory map) is copied: torch shares memory with
         # the arrays it wraps and warns for one it may not write, though nothing here writes to it.
         image = torch.from_numpy(rgb if rgb.flags.writeable else rgb.copy()).permute(2, 0, 1)
-    return None, image.detach().cpu()
+    return None, image.detach().cpu().expand(3, -1, -1)  # a grey (1, H, W) tensor as RGB
 
 
 def resize_image(pil, chw: Tensor | None, size: tuple[int, int] | int):
@@ -241,7 +261,7 @@ def resize_image(pil, chw: Tensor | None, size: tuple[int, int] | int):
 
 
 def image_tensor(image, resize: tuple[int, int] | int | None = None) -> Tensor:
-    """image (a path, PIL image, numpy array or (3, H, W) tensor) as a (3, H, W) tensor ready to crop:
+    """image (a path, PIL image, numpy array or (1 or 3, H, W) tensor) as a (3, H, W) tensor ready to crop:
     resized to resize (resize_image) if given, then enlarged if under 224 on a side (short side to
     224, aspect kept). uint8 stays uint8. ImageError for a file that cannot be read, TypeError or
     ValueError for an in-memory image that cannot be scored (_check_image)."""
@@ -261,21 +281,29 @@ def _croppable(pil, chw: Tensor | None, resize: tuple[int, int] | int | None) ->
     return chw
 
 
-def crop_corners(height: int, width: int, crops: int | str, seed: int) -> list[tuple[int, int]]:
+def crop_corners(height: int, width: int, crops: int | str, seed: int,
+                 max_crops: int | None = None) -> list[tuple[int, int]]:
     """(top, left) of each 224 crop of an image at least 224 on each side.
 
     "grid": ceil(side / 224) crops per axis, evenly spaced from edge to edge (the first at 0, the last
     at side - 224), so that they cover the image: 512 x 384 -> rows 0 144 288, columns 0 160. A side of
-    exactly 224 has one crop.
+    exactly 224 has one crop. With max_crops, an axis with more crops than the other loses one until
+    rows x columns <= max_crops: the crops stay evenly spread from edge to edge but no longer cover
+    the image (a 4000 x 3000 photograph: 18 x 14 = 252 crops, with max_crops=20 5 x 4).
     An int N: N crops placed as torchvision's RandomCrop does (top uniform in [0, H - 224]), drawn from
-    a generator seeded with seed, so the same image always gets the same crops.
+    a generator seeded with seed, so the same image always gets the same crops (max_crops unused).
     """
     if crops == "grid":
-        def axis(side):
-            n = -(-side // CROP)
+        def axis(side, n):
             return [round(i * (side - CROP) / (n - 1)) for i in range(n)] if n > 1 else [0]
 
-        return [(top, left) for top in axis(height) for left in axis(width)]
+        rows, columns = -(-height // CROP), -(-width // CROP)
+        while max_crops is not None and rows * columns > max_crops:
+            if rows >= columns:
+                rows -= 1
+            else:
+                columns -= 1
+        return [(top, left) for top in axis(height, rows) for left in axis(width, columns)]
     gen = torch.Generator().manual_seed(seed)
     tops = torch.randint(0, height - CROP + 1, (crops,), generator=gen)
     lefts = torch.randint(0, width - CROP + 1, (crops,), generator=gen)
@@ -335,13 +363,30 @@ class Scorer:
             support, else fp32), or "fp32", "bf16", "fp16" (fp16 on CUDA only). The whole model runs
             in it; see README for the score deviation from fp32.
         batch_size: crops per forward pass.
-        crops: "grid" (default: a deterministic grid covering the image, see crop_corners) or an int N
-            (the authors' test protocol: N random crops, seeded with seed, the same for the same image).
+        crops: "grid" (default: a deterministic grid of crops spread evenly over the image, at most
+            max_crops of them, see crop_corners), "official" (the authors' test protocol, the way to
+            reproduce the paper's numbers: PATCH_NUM random crops for the model's dataset, seeded with
+            seed, in fp32 (dtype "auto" or "fp32"), resized as the authors do (resize "auto")), or an int
+            N (N random crops, seeded: the same image always gets the same crops).
+        max_crops: the most crops of a grid (default MAX_CROPS = 20; None: a grid covering the image,
+            252 crops for a 4000 x 3000 photograph).
         resize: (H, W) to resize every image to before cropping, or an int: its short side, the
             aspect ratio kept; "auto": what the checkpoint was trained with (its config's DATA.RESIZE,
-            written by lifeiqa_fast.train), else (512, 384) when its config names KonIQ or SPAQ (the
-            authors' protocol for them), else none; None: never. Images under 224 on a side are
+            written by lifeiqa_fast.train), else (512, 384) when its dataset is KonIQ or SPAQ (the
+            authors' protocol for them), else none, with a warning when the model records no dataset
+            (it may need a resize nobody knows of); None: never. Images under 224 on a side are
             enlarged to 224 there, keeping the aspect ratio.
+        dataset: the model's training set (lifeiqa_fast.scale.DATASET_SCALES), for a model that does
+            not record it (a bare state dict, a module built in Python); it sets the score scale, the
+            "auto" resize and the "official" crops. None: what the model records.
+        normalize: return scores mapped to [0, 1], 1 the best (ScoreScale.normalize); needs a known
+            scale. Raw scores are on the training set's label scale (scorer.scale says which).
+        data_range: the values of a float image in memory span [0, data_range] (default 1.0; 255 for
+            float images in 0..255). A float image outside it raises ValueError: scored as it is, it
+            would give garbage. uint8 images are 0..255 whatever it is.
+        errors: what an unreadable file gets: "nan" (default: a NaN score and a warning naming the
+            file and why, so that one damaged file in a folder of thousands does not cost the others'
+            scores; score_files reports why per file) or "raise" (ImageError at the first one).
         cuda_graphs: on CUDA, replay the model as a CUDA graph (captured on first use, batches padded
             to batch_size); where it cannot be captured, a warning and eager runs.
         compile: torch.compile the model (on CPU with weight freezing, which lets inductor prepack
@@ -350,22 +395,38 @@ class Scorer:
             Benchmarks section of README.md has the figures).
         impl: the head's ops (see lifeiqa_fast.ops). progress: a progress bar over images.
 
-    scorer(images) takes an image tensor batch (B, 3, H, W) or one image (3, H, W) (RGB, float in
-    [0, 1] or uint8, not normalised), or a list of tensors, PIL images, numpy arrays (H, W[, 3]) and
-    paths, or a path, folder or glob; returns a float32 tensor of one score per image. A file that
-    cannot be read (find_images, load_image) gets NaN and a warning naming it (scorer.score_files
-    says why per file). An in-memory image that cannot be scored as it is (float outside [0, 1], no
-    pixels, a wrong shape or dtype) raises ValueError or TypeError naming it, images[i], before any
-    image is scored: a bug in the caller.
+    scorer(images) takes an image tensor batch (B, C, H, W) or one image (C, H, W) (C = 3 RGB or 1 grey,
+    float in [0, data_range] or uint8, not normalised), or a list of tensors, PIL images, numpy arrays
+    (H, W[, 1 or 3]) and paths, or a path, folder or glob; returns a float32 tensor of one score per
+    image, on the input's device for a tensor input, else on the CPU. A file that cannot be read
+    (find_images, load_image) gets NaN and a warning naming it (or raises, errors="raise"). An in-memory
+    image that cannot be scored as it is (float outside [0, data_range], no pixels, a wrong shape or
+    dtype) raises ValueError or TypeError naming it, images[i], before any image is scored: a bug in
+    the caller. scorer.scale (and scorer.dataset, .score_range, .lower_better) says what a score means.
     """
 
     def __init__(self, model: nn.Module | str | os.PathLike, device=None, dtype="auto", batch_size: int = 32,
                  crops: int | str = "grid", seed: int = 0, resize="auto", cuda_graphs: bool = True,
-                 compile: bool = False, impl: str = "auto", progress: bool = False, model_kwargs: dict | None = None):
-        if not isinstance(batch_size, int) or batch_size < 1:
+                 compile: bool = False, impl: str = "auto", progress: bool = False, model_kwargs: dict | None = None,
+                 dataset: str | None = None, normalize: bool = False, max_crops: int | None = MAX_CROPS,
+                 data_range: float = 1.0, errors: str = "nan"):
+        def positive_int(value):
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        if not positive_int(batch_size):
             raise ValueError(f"lifeiqa_fast.Scorer: batch_size must be a positive int, got {batch_size!r}")
-        if crops != "grid" and not (isinstance(crops, int) and not isinstance(crops, bool) and crops >= 1):
-            raise ValueError(f"lifeiqa_fast.Scorer: crops must be 'grid' or a positive int, got {crops!r}")
+        if crops not in ("grid", "official") and not positive_int(crops):
+            raise ValueError(f"lifeiqa_fast.Scorer: crops must be 'grid', 'official' or a positive int, got {crops!r}")
+        if max_crops is not None and not positive_int(max_crops):
+            raise ValueError(f"lifeiqa_fast.Scorer: max_crops must be a positive int or None, got {max_crops!r}")
+        if isinstance(data_range, bool) or not isinstance(data_range, (int, float)) or not 0 < data_range < math.inf:
+            raise ValueError(f"lifeiqa_fast.Scorer: data_range must be a positive number (1.0 for images in [0, 1], "
+                             f"255 for 0..255), got {data_range!r}")
+        if errors not in ("nan", "raise"):
+            raise ValueError(f"lifeiqa_fast.Scorer: errors must be 'nan' or 'raise', got {errors!r}")
+        if dataset is not None and str(dataset).lower() not in DATASET_SCALES:
+            raise ValueError(f"lifeiqa_fast.Scorer: dataset must be one of {', '.join(DATASET_SCALES)} or None, "
+                             f"got {dataset!r}")
         self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"lifeiqa_fast.Scorer: device {str(self.device)!r} asked for, but no CUDA device is "
@@ -373,23 +434,34 @@ class Scorer:
         if isinstance(dtype, str) and dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"lifeiqa_fast.Scorer: dtype must be 'auto', one of {sorted(DTYPES)} or a torch "
                              f"dtype, got {dtype!r}")
+        if crops == "official" and dtype == "auto":
+            dtype = "fp32"  # the authors' protocol: their test runs in fp32
         self.dtype = _default_dtype(self.device) if dtype == "auto" else DTYPES.get(dtype, dtype)
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"lifeiqa_fast.Scorer: dtype must be float32, bfloat16 or float16, got {self.dtype}")
         if self.dtype == torch.float16 and self.device.type == "cpu":
             raise ValueError("lifeiqa_fast.Scorer: dtype fp16 is for CUDA; on CPU use bf16 or fp32")
         if isinstance(model, (str, os.PathLike)):
-            model = load_checkpoint(model, map_location="cpu", **(model_kwargs or {}))
+            model = load_model(model, map_location="cpu", **(model_kwargs or {}))
         elif isinstance(model, nn.Module):
             model = copy.deepcopy(model)
         else:
-            raise TypeError(f"lifeiqa_fast.Scorer: model must be a module or a checkpoint path, "
-                            f"got {type(model).__name__}")
+            raise TypeError(f"lifeiqa_fast.Scorer: model must be a module, a checkpoint path, a save_pretrained "
+                            f"folder or a Hugging Face Hub repo id, got {type(model).__name__}")
+        self.scale: ScoreScale = scale_of(dataset if dataset is not None else dataset_of(model))
+        if normalize and not self.scale.known:
+            raise ValueError(f"lifeiqa_fast.Scorer: normalize=True needs the model's score scale, which is unknown "
+                             f"({self.scale.definition}); pass dataset=")
+        if crops == "official":
+            crops, resize = self._official(model, dtype, resize)
         if resize == "auto":  # as the checkpoint's training did: its DATA.RESIZE, else the dataset's protocol
-            saved = getattr(model, "checkpoint_config", {})
-            trained = config_value(saved, "DATA.RESIZE")
+            trained = config_value(getattr(model, "checkpoint_config", {}), "DATA.RESIZE")
             resize = (None if trained == "none" else trained) if trained is not None else RESIZED_DATASETS.get(
-                str(config_value(saved, "DATA.DATASET")).lower())
+                self.dataset)
+            if self.dataset is None:
+                warnings.warn("lifeiqa_fast.Scorer: the model records no training dataset, so resize='auto' does "
+                              "not resize (a KonIQ or SPAQ model expects its images resized to 512 x 384 first); "
+                              "pass dataset= or resize= to say which", stacklevel=2)
         sizes = [resize] if isinstance(resize, int) else list(resize) if isinstance(resize, (tuple, list)) else []
         well_formed = len(sizes) == (1 if isinstance(resize, int) else 2) and all(
             isinstance(v, int) and not isinstance(v, bool) and v >= CROP for v in sizes)
@@ -399,6 +471,7 @@ class Scorer:
         self.resize = tuple(resize) if isinstance(resize, (tuple, list)) else resize
         self.model = optimize(model, impl).eval().requires_grad_(False).to(self.device, self.dtype)
         self.batch_size, self.crops, self.seed, self.progress = batch_size, crops, seed, progress
+        self.max_crops, self.normalize, self.data_range, self.errors = max_crops, normalize, data_range, errors
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.compiled = compile
         self._forward = self.model
@@ -408,6 +481,37 @@ class Scorer:
         self._graph: _CudaGraph | None = None
         self._mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
+
+    @property
+    def dataset(self) -> str | None:
+        """The model's training set (None: not recorded): its labels' scale is scorer.scale."""
+        return self.scale.dataset
+
+    @property
+    def score_range(self) -> tuple[float, float] | None:
+        """(low, high) of the training set's label scale; None if unknown; (0, 1) with normalize."""
+        return (0.0, 1.0) if self.normalize else self.scale.score_range
+
+    @property
+    def lower_better(self) -> bool | None:
+        """Whether a lower score is a better image (DMOS labels); None if unknown; False with normalize."""
+        return False if self.normalize else self.scale.lower_better
+
+    def _official(self, model: nn.Module, dtype, resize) -> tuple[int, str]:
+        """(crops, resize) of the authors' test protocol for the model's dataset: its PATCH_NUM (the
+        checkpoint's DATA.PATCH_NUM, else the dataset's preset), resize "auto". ValueError if the dataset
+        is unknown or dtype or resize asks for something else."""
+        from .train import PRESETS  # (train imports this module)
+
+        if self.dataset not in PRESETS:
+            raise ValueError(f"lifeiqa_fast.Scorer: crops='official' is the authors' protocol for the model's dataset, "
+                             f"which is {'not recorded' if self.dataset is None else 'unknown: ' + self.dataset}; "
+                             f"pass dataset= (one of {', '.join(PRESETS)})")
+        if self.dtype != torch.float32 or resize != "auto":
+            raise ValueError(f"lifeiqa_fast.Scorer: crops='official' runs in fp32 with the authors' resize "
+                             f"(dtype 'auto' or 'fp32', resize 'auto'), got dtype={dtype!r}, resize={resize!r}")
+        patch_num = config_value(getattr(model, "checkpoint_config", {}), "DATA.PATCH_NUM")
+        return int(patch_num or PRESETS[self.dataset]["patch_num"]), resize
 
     def _scores(self, x: Tensor) -> Tensor:
         """(n, 3, 224, 224) crops in [0, 1], float32 -> (n,) float32 scores."""
@@ -442,7 +546,8 @@ class Scorer:
         if chw.is_floating_point():
             chw = chw.float()
         h, w = chw.shape[1:]
-        return torch.stack([chw[:, t:t + CROP, l:l + CROP] for t, l in crop_corners(h, w, self.crops, self.seed)])
+        corners = crop_corners(h, w, self.crops, self.seed, self.max_crops)
+        return torch.stack([chw[:, t:t + CROP, l:l + CROP] for t, l in corners])
 
     def _prepared(self, images: list) -> Iterator[tuple[Tensor | None, str | None]]:
         """(crops, None) or (None, why) per image, in order. Files are decoded (and resized) by worker
@@ -503,6 +608,8 @@ class Scorer:
 
         with tqdm(total=len(images), unit="img", disable=not self.progress, desc="scoring") as bar:
             for i, (image_crops, error) in enumerate(self._prepared(images)):
+                if error is not None and self.errors == "raise":
+                    raise ImageError(error)
                 errors[i] = error
                 if error is None:
                     crops.append(image_crops)
@@ -518,18 +625,21 @@ class Scorer:
             owner = torch.cat(owners)
             sums.index_add_(0, owner, torch.cat(scores).cpu().double())
             counts.index_add_(0, owner, torch.ones_like(owner, dtype=torch.float64))
-        return (sums / counts).float(), errors
+        scores = (sums / counts).float()
+        return (self.scale.normalize(scores) if self.normalize else scores), errors
 
     def score_files(self, paths) -> list[FileScore]:
-        """Each file of paths (files, folders, globs: find_images) with its score or why it has none."""
+        """Each file of paths (files, folders, globs: find_images) with its score or why it has none
+        (errors="raise": ImageError at the first unreadable file)."""
         files = find_images(paths)
         scores, errors = self._score_list(files)
         return [FileScore(p, None if e else float(s), e) for p, s, e in zip(files, scores.tolist(), errors)]
 
     def __call__(self, images) -> Tensor:
+        output_device = images.device if isinstance(images, Tensor) else torch.device("cpu")
         batch = isinstance(images, Tensor) and images.dim() == 4
         if batch:
-            _check_batch(images)
+            _check_batch(images, self.data_range)
             images = list(images)
         named = ([(f"images[{i}]", image) for i, image in enumerate(images)] if isinstance(images, (list, tuple))
                  else [("images", images)])
@@ -541,11 +651,11 @@ class Scorer:
                 images += find_images(image)
             else:
                 if not batch:  # a batch's images were checked together
-                    _check_image(image, name)
-                images.append(image)
+                    _check_image(image, name, self.data_range)
+                images.append(_unit_range(image, self.data_range))
         if not images:
             raise ValueError("lifeiqa_fast.Scorer: no images given")
         scores, errors = self._score_list(list(images))
         for error in filter(None, errors):
             warnings.warn(f"{error}; its score is NaN", stacklevel=2)
-        return scores
+        return scores.to(output_device)

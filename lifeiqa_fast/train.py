@@ -17,7 +17,9 @@ max_plcc is their running maximum of PLCC taken at such epochs. Checkpoints have
 What differs, on purpose: test images are scored on a deterministic grid of crops by default (the
 authors: PATCH_NUM random crops, `test_crops="official"`); every epoch's checkpoint is written
 atomically and a run resumes from it exactly (the random streams of an epoch are seeded by (seed,
-run, epoch)); the last epoch's numbers are reported beside the best epoch's.
+run, epoch)); the last epoch's numbers are reported beside the best epoch's; each run's best epoch is
+also saved as run<r>/best/ (save_pretrained: model.safetensors and config.json with the dataset, its
+score scale and the preprocessing), which `lifeiqa-fast score -m` and Scorer take as they are.
 """
 from __future__ import annotations
 
@@ -41,7 +43,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .metrics import evaluate as correlations
-from .model import LifeIQA, load_checkpoint, save_checkpoint
+from .distributed import join, local_device, sharded
+from .model import LifeIQA, save_checkpoint
+from .pretrained import load_model, save_pretrained
+from .scale import dataset_of
 from .scorer import CROP, MEAN, STD, RESIZED_DATASETS, ImageError, Scorer, image_tensor
 
 # The authors' configs/swin/<dataset>.yaml; every run: 30 epochs, 2 warm-up, weight decay 0.01, top-2.
@@ -273,15 +278,6 @@ def lr_factor(config: TrainConfig, steps_per_epoch: int):
     return factor
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size), joining the process group that torchrun describes in the environment."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -289,22 +285,13 @@ def _seed_everything(seed: int) -> None:
 
 
 def _score(model, records, config: TrainConfig, device, resize) -> torch.Tensor:
-    """Scores of records, each process scoring its share; every process gets all of them, in order."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    """Scores of records, each process scoring its share; every process gets all of them, in order.
+    The grid covers each image (max_crops=None): the figures of every run stay comparable."""
     crops = "grid" if config.test_crops == "grid" else config.patch_num
     dtype = {"fp16": "fp16", "bf16": "bf16"}.get(_amp_dtype(config, device), "fp32")
     scorer = Scorer(model, device=device, dtype=dtype, batch_size=config.batch_size, crops=crops,
-                    seed=config.seed, resize=resize, cuda_graphs=False, impl=config.impl)
-    mine = records[rank::world]
-    scores = scorer([r.path for r in mine]) if mine else torch.empty(0)
-    if world == 1:
-        return scores
-    parts = [None] * world
-    dist.all_gather_object(parts, scores.tolist())
-    out = torch.empty(len(records))
-    for r, part in enumerate(parts):
-        out[r::world] = torch.tensor(part)
-    return out
+                    seed=config.seed, resize=resize, cuda_graphs=False, impl=config.impl, max_crops=None)
+    return torch.tensor(sharded([r.path for r in records], lambda paths: scorer(paths).tolist() if paths else []))
 
 
 def _amp_dtype(config: TrainConfig, device: torch.device) -> str:
@@ -319,9 +306,8 @@ def train_run(config: TrainConfig, train_records, test_records, run_dir: Path, r
     run_id marks the lines this call appends to the run's log.jsonl (a resumed run's are another's)."""
     from tqdm.auto import tqdm
 
-    rank, world = _distributed()
-    device = torch.device(config.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-                                            if torch.cuda.is_available() else "cpu"))
+    rank, world = join()
+    device = torch.device(config.device) if config.device else local_device()
     resize = config.image_resize()
     run_seed = config.seed + 1000 * run
     _seed_everything(run_seed)
@@ -392,17 +378,22 @@ def train_run(config: TrainConfig, train_records, test_records, run_dir: Path, r
             best = _best(history)
             if checkpoint.exists():  # the last two epochs' checkpoints are kept: a damaged one has a fallback
                 os.replace(checkpoint, run_dir / PREVIOUS_CHECKPOINT)
+            saved = {"DATA": {"DATASET": config.dataset, "PATCH_NUM": config.patch_num,
+                              "BATCH_SIZE": config.batch_size, "RESIZE": resize or "none"},
+                     "TRAIN": {"EPOCHS": config.epochs, "BASE_LR": config.base_lr}}
+            if best["best"] is history[-1]:  # the best epoch so far: the model to score with, as it travels
+                model.checkpoint_config = saved
+                save_pretrained(model, run_dir / BEST_MODEL)
             save_checkpoint(model, checkpoint, optimizer=optimizer.state_dict(), lr_scheduler=scheduler.state_dict(),
                             scaler=scaler.state_dict(), epoch=epoch, max_plcc=best["max_plcc"], history=history,
-                            config={"DATA": {"DATASET": config.dataset, "PATCH_NUM": config.patch_num,
-                                             "BATCH_SIZE": config.batch_size, "RESIZE": resize or "none"},
-                                    "TRAIN": {"EPOCHS": config.epochs, "BASE_LR": config.base_lr}})
+                            config=saved)
             with log.open("a") as f:
                 f.write(json.dumps({"run_id": run_id, **history[-1]}) + "\n")
     return {"run": run, "history": history, **_best(history), "last": history[-1] if history else None}
 
 
 CHECKPOINT, PREVIOUS_CHECKPOINT = "checkpoint.pth", "checkpoint.prev.pth"
+BEST_MODEL = "best"  # run<r>/best/: save_pretrained's folder of the run's best epoch (lifeiqa-fast score -m)
 
 
 def _resume_from(run_dir: Path, model_config: dict, device, tidy: bool = True) -> dict | None:
@@ -473,7 +464,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     with BlockingIOError. Each log line carries run_id, this call's id (time and process)."""
     if resume and overwrite:
         raise ValueError("lifeiqa_fast.train: resume and overwrite exclude each other")
-    rank, _ = _distributed()
+    rank, _ = join()
     out = Path(config.out) / config.dataset
     if rank != 0:
         return _train(config, out, resume, "")
@@ -521,7 +512,7 @@ def _train(config: TrainConfig, out: Path, resume: bool, run_id: str) -> dict:
     """train()'s work, in out (locked by rank 0)."""
     from .data import load_split, make_synthetic, read_dataset, repeated_splits, save_split
 
-    rank, _ = _distributed()
+    rank, _ = join()
     if config.dataset == "synthetic" and not (Path(config.root) / "dmos.csv").is_file():
         if rank == 0:  # made here on first use (a few seconds), the others wait for it
             make_synthetic(config.root, progress=True)
@@ -555,13 +546,14 @@ def _train(config: TrainConfig, out: Path, resume: bool, run_id: str) -> dict:
 
 def evaluate_checkpoint(checkpoint, dataset: str, root, split=None, crops="grid", batch_size: int = 32,
                         device=None, limit: int | None = None) -> dict:
-    """SRCC, PLCC and KRCC of a checkpoint on a dataset: the test side of split (a CSV written by
+    """SRCC, PLCC and KRCC of a model (a checkpoint file, a save_pretrained folder or Hub repo id) on a
+    dataset: the test side of split (a CSV written by
     save_split), or every image; scored by Scorer (crops: "grid" or N random crops)."""
     from .data import load_split, read_dataset
 
     records = load_split(split, root=root)[1] if split else read_dataset(dataset, root)[:limit]
-    model = load_checkpoint(checkpoint)  # resized as it was trained (its config), else as the dataset's protocol
-    resize = "auto" if model.checkpoint_config.get("DATA") else RESIZED_DATASETS.get(dataset)
-    scorer = Scorer(model, device=device, dtype="fp32", batch_size=batch_size, crops=crops, resize=resize,
-                    progress=True)
+    # resized as it was trained (its config), else as the dataset's protocol; the grid covers each image
+    model = load_model(checkpoint)
+    scorer = Scorer(model, device=device, dtype="fp32", batch_size=batch_size, crops=crops, progress=True,
+                    dataset=None if dataset_of(model) else dataset, max_crops=None)
     return {"images": len(records), **_correlations(scorer([r.path for r in records]), records)}

@@ -50,7 +50,8 @@ def test_score_folder_reports_and_skips_the_corrupt_file(photos):
                   "--batch-size", "4", "--json", out)
     assert result.returncode == 1, result.stderr  # a file was skipped
     assert "broken.jpg" in result.stderr and "1 of 4 files skipped" in result.stderr
-    rows = json.loads(out.read_text())
+    report = json.loads(out.read_text())
+    rows = report["scores"]
     names = [r["path"].split("/")[-1] for r in rows]
     assert names == ["astronaut.png", "broken.jpg", "coffee.jpg", "camera.bmp"]  # sorted, recursive, no .txt
     good = [r for r in rows if r["error"] is None]
@@ -172,7 +173,7 @@ def test_score_writes_into_a_pipe_in_place(photos, tmp_path):
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
     assert result.returncode == 0, result.stderr
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
-    assert json.loads(got["text"])[0]["path"].endswith("astronaut.png")
+    assert json.loads(got["text"])["scores"][0]["path"].endswith("astronaut.png")
 
 
 def test_info_prints_what_the_module_prints():

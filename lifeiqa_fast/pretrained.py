@@ -21,6 +21,7 @@ from ._version import __version__
 from .scale import dataset_of, scale_of
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+ALIASES = "lifeiqa_fast.aliases"  # the weights file's metadata key: {state-dict name: the name it is stored under}
 FORMAT = "lifeiqa_fast/pretrained-1"
 
 
@@ -61,13 +62,28 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, dataset: str
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as tmp:
-        # save_model, not save_file: backbone_stages shares its tensors with pretrain_model
-        storage.save_model(model, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        tensors, aliases = _unshared(model.state_dict())
+        storage.save_file(tensors, os.path.join(tmp, WEIGHTS_NAME),
+                          metadata={"format": "pt", ALIASES: json.dumps(aliases)})
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2)
         os.replace(os.path.join(tmp, WEIGHTS_NAME), directory / WEIGHTS_NAME)
         os.replace(os.path.join(tmp, CONFIG_NAME), directory / CONFIG_NAME)
     return directory
+
+
+def _unshared(state: Mapping) -> tuple[dict, dict]:
+    """(tensors, aliases) of a state dict: each tensor once, contiguous (safetensors stores no views;
+    a CNN backbone's weights are channels_last), and {name: the kept name} for each name of a tensor
+    already kept (backbone_stages.* are pretrain_model's own modules, their keys a second name each)."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key], tensors[name] = name, t.contiguous()
+    return tensors, aliases
 
 
 def _json_ready(value):
@@ -140,13 +156,14 @@ def from_pretrained(name_or_dir: str | os.PathLike, revision: str | None = None,
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"lifeiqa_fast.from_pretrained: {directory}: LifeIQA({arguments}): {exc}") from exc
     try:
-        missing, unexpected = storage.load_model(model, weights, strict=False, device=str(map_location))
-    except Exception as exc:  # a damaged file, a size mismatch
+        with storage.safe_open(weights, "pt") as f:  # memory-mapped
+            aliases = json.loads((f.metadata() or {}).get(ALIASES, "{}"))
+        tensors = storage.load_file(weights)
+        tensors.update((name, tensors[kept]) for name, kept in aliases.items())
+        model.load_state_dict(tensors)  # strict: a missing or unexpected key, a size mismatch raise
+    except Exception as exc:  # a damaged file too
         raise ValueError(f"lifeiqa_fast.from_pretrained: cannot load {weights} into LifeIQA({arguments}): "
                          f"{type(exc).__name__}: {exc}") from exc
-    if missing or unexpected:
-        raise ValueError(f"lifeiqa_fast.from_pretrained: {weights} does not match LifeIQA({arguments}): missing "
-                         f"keys {sorted(missing)}, unexpected keys {sorted(unexpected)}")
     resize = (config.get("preprocessing") or {}).get("resize")
     patch_num = (config.get("preprocessing") or {}).get("official_test_crops")
     model.checkpoint_config = {"DATA": {"DATASET": config.get("dataset"), "RESIZE": resize if resize else "none",

@@ -244,6 +244,30 @@ def _as_chw(image) -> tuple[object, Tensor | None]:
     return None, image.detach().cpu().expand(3, -1, -1)  # a grey (1, H, W) tensor as RGB
 
 
+def target_size(h: int, w: int, size: tuple[int, int] | int) -> tuple[int, int]:
+    """The (H, W) an h x w image is resized to for size: (H, W) itself, or an int: the short side, the
+    aspect ratio kept, neither side under it."""
+    if isinstance(size, int):
+        scale = size / min(h, w)
+        return max(size, round(h * scale)), max(size, round(w * scale))
+    return tuple(size)
+
+
+def auto_resize(model: nn.Module, dataset: str | None):
+    """resize="auto" for a model trained on dataset: what its training used (its checkpoint config's
+    DATA.RESIZE, written by lifeiqa_fast.train), else the authors' protocol for the dataset ((512, 384)
+    for KonIQ and SPAQ), else None; a warning when the dataset is not known (a resize may be needed
+    that nobody recorded)."""
+    trained = config_value(getattr(model, "checkpoint_config", {}), "DATA.RESIZE")
+    if trained is not None:
+        return None if trained == "none" else trained
+    if dataset is None:
+        warnings.warn("lifeiqa_fast.Scorer: the model records no training dataset, so resize='auto' does not resize "
+                      "(a KonIQ or SPAQ model expects its images resized to 512 x 384 first); pass dataset= or "
+                      "resize= to say which", stacklevel=3)
+    return RESIZED_DATASETS.get(dataset)
+
+
 def resize_image(pil, chw: Tensor | None, size: tuple[int, int] | int):
     """(PIL image or None, (3, H, W) tensor or None), exactly one set, resized to size: (H, W), or an
     int: the short side, the aspect ratio kept. Bilinear with antialiasing (PIL's for PIL images, as
@@ -251,9 +275,7 @@ def resize_image(pil, chw: Tensor | None, size: tuple[int, int] | int):
     h, w = (pil.height, pil.width) if pil is not None else tuple(chw.shape[1:])
     if h == 0 or w == 0:
         raise ValueError(f"lifeiqa_fast.resize_image: the image {_size_problem(h, w)}")
-    if isinstance(size, int):
-        scale = size / min(h, w)
-        size = (max(size, round(h * scale)), max(size, round(w * scale)))
+    size = target_size(h, w, size)
     if pil is not None:
         return pil.resize((size[1], size[0]), Image.BILINEAR), None
     x = F.interpolate(chw[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
@@ -454,14 +476,8 @@ class Scorer:
                              f"({self.scale.definition}); pass dataset=")
         if crops == "official":
             crops, resize = self._official(model, dtype, resize)
-        if resize == "auto":  # as the checkpoint's training did: its DATA.RESIZE, else the dataset's protocol
-            trained = config_value(getattr(model, "checkpoint_config", {}), "DATA.RESIZE")
-            resize = (None if trained == "none" else trained) if trained is not None else RESIZED_DATASETS.get(
-                self.dataset)
-            if self.dataset is None:
-                warnings.warn("lifeiqa_fast.Scorer: the model records no training dataset, so resize='auto' does "
-                              "not resize (a KonIQ or SPAQ model expects its images resized to 512 x 384 first); "
-                              "pass dataset= or resize= to say which", stacklevel=2)
+        if resize == "auto":
+            resize = auto_resize(model, self.dataset)
         sizes = [resize] if isinstance(resize, int) else list(resize) if isinstance(resize, (tuple, list)) else []
         well_formed = len(sizes) == (1 if isinstance(resize, int) else 2) and all(
             isinstance(v, int) and not isinstance(v, bool) and v >= CROP for v in sizes)

@@ -21,6 +21,10 @@ from test_model import tiny
 
 from skimage import data  # real photographs
 
+# Most tests use a model that records no training dataset, on purpose: the warning that resize="auto" then
+# does not resize is checked in test_scale.py.
+pytestmark = pytest.mark.filterwarnings("ignore:lifeiqa_fast.Scorer. the model records no training dataset")
+
 # Spelled out here (not imported from the scorer) so that a wrong constant there fails the tests.
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -153,14 +157,23 @@ def test_unreadable_files_get_nan_and_a_reason(model, tmp_path):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(batch_size=0), "batch_size must be a positive int, got 0"),
-    (dict(crops="random"), "crops must be 'grid' or a positive int, got 'random'"),
-    (dict(crops=0), "crops must be 'grid' or a positive int, got 0"),
-    (dict(crops=True), "crops must be 'grid' or a positive int, got True"),
+    (dict(crops="random"), "crops must be 'grid', 'official' or a positive int, got 'random'"),
+    (dict(crops=0), "crops must be 'grid', 'official' or a positive int, got 0"),
+    (dict(crops=True), "crops must be 'grid', 'official' or a positive int, got True"),
     (dict(resize="512x384"), r"resize must be 'auto', None, \(H, W\) or a short side"),
     (dict(resize=(512, 100)), r"each >= 224, got \(512, 100\)"),
     (dict(resize=100), r"each >= 224, got 100"),
     (dict(dtype="int8"), "dtype must be .* got 'int8'"),
     (dict(dtype="fp16"), "fp16 is for CUDA"),
+    (dict(max_crops=0), "max_crops must be a positive int or None, got 0"),
+    (dict(data_range=0), "data_range must be a positive number"),
+    (dict(data_range=math.inf), "data_range must be a positive number"),
+    (dict(errors="skip"), "errors must be 'nan' or 'raise', got 'skip'"),
+    (dict(dataset="imagenet"), "dataset must be one of live, csiq, .* got 'imagenet'"),
+    (dict(normalize=True), r"normalize=True needs the model's score scale, which is unknown"),
+    (dict(crops="official"), "crops='official' is the authors' protocol for the model's dataset, which is not recorded"),
+    (dict(crops="official", dataset="koniq", dtype="bf16"), "crops='official' runs in fp32"),
+    (dict(crops="official", dataset="koniq", resize=None), "crops='official' runs in fp32 with the authors' resize"),
 ])
 def test_bad_arguments(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -168,7 +181,7 @@ def test_bad_arguments(model, kwargs, match):
 
 
 def test_bad_model(tmp_path):
-    with pytest.raises(TypeError, match="model must be a module or a checkpoint path, got int"):
+    with pytest.raises(TypeError, match="model must be a module, a checkpoint path, .* got int"):
         Scorer(42)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         Scorer(tmp_path / "missing.pth")
@@ -177,9 +190,9 @@ def test_bad_model(tmp_path):
 @pytest.mark.parametrize("images, error, match", [
     (torch.zeros(0, 3, 224, 224, dtype=torch.uint8), ValueError, "batch is empty"),
     ([], ValueError, "no images given"),
-    (torch.zeros(4, 224, 224), ValueError, r"\(3, H, W\), got \(4, 224, 224\)"),  # a caller's bug: raised, not NaN
+    (torch.zeros(4, 224, 224), ValueError, r"\(3, H, W\) or \(1, H, W\), got \(4, 224, 224\)"),  # a caller's bug: raised, not NaN
     (torch.zeros(3, 224, 224, dtype=torch.int64), ValueError, "uint8 or floating point, got torch.int64"),
-    (np.zeros((2, 224, 224, 3), np.uint8), ValueError, r"\(H, W\) or \(H, W, 3 or 4\)"),  # a batch as an array
+    (np.zeros((2, 224, 224, 3), np.uint8), ValueError, r"\(H, W\) or \(H, W, 1, 3 or 4\)"),  # a batch as an array
     ([object()], TypeError, "path, PIL image, numpy array or tensor, got object"),
     ("no/such/photo.png", FileNotFoundError, "no/such/photo.png"),
     (["no/such/photo.png"], FileNotFoundError, "no/such/photo.png"),
@@ -431,5 +444,59 @@ def test_read_only_array_scores_without_a_warning():
     assert not photo.flags.writeable
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        scores = Scorer(model, batch_size=1, crops=1)([photo])
+        scores = Scorer(model, batch_size=1, crops=1, resize=None)([photo])
     assert scores.shape == (1,) and torch.isfinite(scores).all()
+
+
+# --- the tensor contract: data_range, grey images, the output's device, errors="raise", max_crops
+
+def test_data_range_scales_float_images(model):
+    face = photo("astronaut", 224, 260).float()
+    unit = Scorer(model, dtype="fp32", resize=None)
+    assert_same(Scorer(model, dtype="fp32", resize=None, data_range=255)(face), unit(face / 255), 1e-6)
+    assert_same(Scorer(model, dtype="fp32", resize=None, data_range=255)([hwc(face)]), unit(face / 255), 1e-6)
+    with pytest.raises(ValueError, match=r"got min 0, max 255 \(a float image in 0..255 needs data_range=255\)"):
+        unit(face)
+    with pytest.raises(ValueError, match=r"must be in \[0, 255\], got min 0, max 510"):
+        Scorer(model, dtype="fp32", resize=None, data_range=255)(face * 2)
+
+
+def test_grey_images_are_scored_as_rgb(model):
+    grey = torch.from_numpy(data.camera())[:240, :300]  # (H, W) uint8
+    rgb = grey.expand(3, -1, -1)
+    scorer = Scorer(model, dtype="fp32", resize=None)
+    expected = model_mean(model, grid_crops(rgb))
+    for image in (grey[None], grey[None].float() / 255, grey.numpy()[:, :, None]):
+        assert_same(scorer(image), expected, 1e-5)
+    assert_same(scorer(torch.stack([grey[None], grey[None]])), expected.repeat(2), 1e-5)  # (B, 1, H, W)
+
+
+def test_scores_of_a_tensor_are_on_its_device(model, tmp_path):
+    scorer = Scorer(model, dtype="fp32", device="cpu")
+    face = photo("astronaut", 224, 224)
+    assert scorer(face).device == face.device and scorer(face[None]).device == face.device
+    if torch.cuda.is_available():  # a GPU caller gets GPU scores whatever device the model runs on
+        assert scorer(face.cuda()).device.type == "cuda"
+
+
+def test_errors_raise_stops_at_the_unreadable_file(model, tmp_path):
+    Image.fromarray(hwc(photo("chelsea", 224, 224))).save(tmp_path / "a.png")
+    (tmp_path / "b.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(lifeiqa_fast.scorer.ImageError, match="cannot read .*b.jpg"):
+        Scorer(model, dtype="fp32", errors="raise")(tmp_path)
+    with pytest.raises(lifeiqa_fast.scorer.ImageError, match="b.jpg"):
+        Scorer(model, dtype="fp32", errors="raise").score_files(tmp_path)
+
+
+def test_grid_crops_are_capped_and_spread(model):
+    assert len(crop_corners(3000, 4000, "grid", 0)) == 14 * 18  # no cap: the grid covers the photograph
+    capped = crop_corners(3000, 4000, "grid", 0, max_crops=20)
+    tops, lefts = sorted({t for t, _ in capped}), sorted({l for _, l in capped})
+    assert len(capped) <= 20 and len(tops) * len(lefts) == len(capped) and len(capped) >= 16
+    assert tops[0] == 0 and tops[-1] == 3000 - 224 and lefts[0] == 0 and lefts[-1] == 4000 - 224  # edge to edge
+    steps = np.diff(lefts)
+    assert steps.max() - steps.min() <= 1  # evenly
+    big = torch.zeros(3, 3000, 4000, dtype=torch.uint8)
+    assert Scorer(model, dtype="fp32", resize=None)._crops(None, big, None).shape[0] == len(capped)
+    assert Scorer(model, dtype="fp32", resize=None, max_crops=None)._crops(None, big, None).shape[0] == 252
+    assert crop_corners(512, 384, "grid", 0, max_crops=20) == crop_corners(512, 384, "grid", 0)  # under the cap

@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
+import lifeiqa_fast
 import lifeiqa_fast.train as training
+from lifeiqa_fast.scale import dataset_of
 from lifeiqa_fast.train import TrainConfig, lr_factor, param_groups, read_config_file, train
 
 from test_model import TINY, tiny
@@ -45,6 +47,10 @@ def test_short_run_learns_and_writes_its_files(synthetic, tmp_path):
     assert checkpoint["epoch"] == 2 and checkpoint["config"]["DATA"]["DATASET"] == "synthetic"
     split = (tmp_path / "synthetic" / "run0" / "split.csv").read_text()
     assert split.count(",train") == 90 and split.count(",test") == 45
+    best = lifeiqa_fast.LifeIQA.from_pretrained(tmp_path / "synthetic" / "run0" / "best")  # the model that travels
+    assert dataset_of(best) == "synthetic"
+    if run["best"]["epoch"] == 2:  # the last epoch was the best: its weights are the checkpoint's
+        assert all(torch.equal(best.state_dict()[k], v) for k, v in checkpoint["model"].items())
 
 
 @pytest.mark.slow
@@ -107,7 +113,9 @@ KILLED_CHILD = """
 import json, os, signal, sys
 import torch
 import lifeiqa_fast.model
+import lifeiqa_fast
 import lifeiqa_fast.train as training
+from lifeiqa_fast.scale import dataset_of
 from lifeiqa_fast.train import TrainConfig, train
 
 root, settings, point, n = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])

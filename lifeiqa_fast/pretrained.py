@@ -93,11 +93,15 @@ def _json_ready(value):
     return [_json_ready(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".pkl")  # a file's name, never a repo id
+
+
 def is_repo_id(name: str) -> bool:
-    """Whether name reads as a Hugging Face Hub repo id ("owner/name"), not a local path."""
+    """Whether name reads as a Hugging Face Hub repo id ("owner/name"), not a local path: two parts,
+    nothing of that name here, no checkpoint file suffix."""
     parts = str(name).split("/")
     return (len(parts) == 2 and all(parts) and not str(name).startswith((".", "~"))
-            and not os.path.exists(name))
+            and not str(name).lower().endswith(CHECKPOINT_SUFFIXES) and not os.path.exists(name))
 
 
 def resolve(name_or_dir: str | os.PathLike, revision: str | None = None, cache_dir=None) -> Path:
@@ -115,8 +119,8 @@ def resolve(name_or_dir: str | os.PathLike, revision: str | None = None, cache_d
                                           allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
     except Exception as exc:  # offline and not cached, no such repo, no network, ...
         offline = " (HF_HUB_OFFLINE is set: only the local cache is read)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise FileNotFoundError(f"lifeiqa_fast.from_pretrained: cannot get {name_or_dir} from the Hugging Face "
-                                f"Hub{offline}: {type(exc).__name__}: {exc}") from exc
+        raise FileNotFoundError(f"lifeiqa_fast.from_pretrained: no local folder {name_or_dir}, and cannot get it "
+                                f"from the Hugging Face Hub{offline}: {type(exc).__name__}: {exc}") from exc
 
 
 def read_config(directory: str | os.PathLike) -> dict:
@@ -181,7 +185,6 @@ def load_model(source, **kwargs):
     if isinstance(source, Mapping):
         return load_checkpoint(source, **kwargs)
     if Path(source).is_dir() or is_repo_id(os.fspath(source)):
-        kwargs.pop("map_location", None)
         return from_pretrained(source, **kwargs)
     return load_checkpoint(source, **kwargs)
 

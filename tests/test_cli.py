@@ -180,3 +180,27 @@ def test_info_prints_what_the_module_prints():
     result = _cli("info")
     module = subprocess.run([sys.executable, "-m", "lifeiqa_fast.info"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout == module.stdout and "grid_pool" in result.stdout
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_share_the_files_and_rank_0_writes(photos, tmp_path):
+    """torchrun --nproc-per-node 2 -m lifeiqa_fast.cli score: each process scores every other file; one
+    output, in input order, with the scores one process gives."""
+    root, folder, model = photos
+    out = tmp_path / "scores.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+         "lifeiqa_fast.cli", "score", str(folder), "-m", str(root / "ckpt.pth"), "--dtype", "fp32", "--device", "cpu",
+         "-o", str(out)], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]  # broken.jpg is skipped (the exit status says so)
+    assert os.listdir(tmp_path) == ["scores.json"]  # one output, no temporary file left
+    report = json.loads(out.read_text())
+    assert report["scores"] and "2 processes" in result.stdout
+    alone = lifeiqa_fast.Scorer(root / "ckpt.pth", dtype="fp32", device="cpu", resize=None).score_files(folder)
+    assert [r["path"] for r in report["scores"]] == [str(r.path) for r in alone]
+    for row, r in zip(report["scores"], alone):
+        assert (row["score"] is None) == (r.score is None)
+        if r.score is not None:
+            assert row["score"] == pytest.approx(r.score, abs=1e-5)
+    assert result.stdout.count("mean score") == 1  # rank 0 alone prints

@@ -82,6 +82,8 @@ def test_a_save_replaces_the_files_and_names_what_is_wrong(saved, tmp_path):
         from_pretrained(copy)
     with pytest.raises(FileNotFoundError, match="neither a folder nor a Hugging Face Hub repo id"):
         from_pretrained(tmp_path / "missing" / "deeper" / "folder")
+    with pytest.raises(FileNotFoundError, match="no checkpoint file at runs/ckpt.pth"):
+        Scorer("runs/ckpt.pth")  # two parts, but a checkpoint's name: not taken for a Hub repo
 
 
 def _hub_cache(cache, folder, repo="lifeiqa/koniq-tiny"):
@@ -103,7 +105,7 @@ def test_from_the_hub_cache_offline(saved, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     loaded = from_pretrained(repo, cache_dir=tmp_path / "hub")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-    with pytest.raises(FileNotFoundError, match="cannot get lifeiqa/other from the Hugging Face Hub"):
+    with pytest.raises(FileNotFoundError, match="no local folder lifeiqa/other, and cannot get it from the Hugging Face Hub"):
         from_pretrained("lifeiqa/other", cache_dir=tmp_path / "hub")
 
 

@@ -2,12 +2,14 @@
 """The project's benchmark: each op family, the head and the whole model against the authors' eager
 code and torch.compile of it (README.md, "Benchmarks", says what is measured and how).
 
-For every entry of CASES (one per op family, plus "head": LifeIQA.forward_head on stage maps, and
-"model": LifeIQA.forward on images) and every device, dtype, batch and direction, bench_row runs the
-authors' code (eager; head and model: LifeIQA(impl="reference") in eval mode), checks every other
-implementation against it (compare), then times those that passed round-robin (measure) and reports
-ms median [p20-p80], speed-ups vs eager and vs torch.compile, GB/s, GFLOP/s and the fraction of the
-device's limits measured in the same run. --backward adds forward+backward rows.
+For every entry of CASES (one per op family, plus "head": LifeIQA.forward_head on stage maps,
+"model": LifeIQA.forward on images, "scorer" and "onnx": scores of crops in [0, 1], the latter by the
+model exported to ONNX and run in ONNX Runtime) and every device, dtype, batch and direction,
+bench_row runs the authors' code (eager; head and model: LifeIQA(impl="reference") in eval mode),
+checks every other implementation against it (compare), then times those that passed round-robin
+(measure) and reports ms median [p20-p80], speed-ups vs eager and vs torch.compile, GB/s, GFLOP/s
+and the fraction of the device's limits measured in the same run. --backward adds forward+backward
+rows.
 
     python benchmarks/run.py                              # the main rows, fp32: a few minutes on 2 CPU cores
     python benchmarks/run.py --quick                      # CI-sized
@@ -20,6 +22,7 @@ import contextlib
 import copy
 import csv
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -334,6 +337,46 @@ def _scorer_build(impl: str, device: torch.device, dtype: torch.dtype):
     return run, ()
 
 
+# The onnx rows: the model of the model rows exported by lifeiqa_fast.export_onnx (a dynamic batch,
+# the composite head) and run by ONNX Runtime on the CPU, beside the authors' model (eager) and the
+# optimised model that lifeiqa_fast.Scorer runs (impl="auto"), on the same crops in [0, 1], fp32: the
+# PyTorch rows normalise them as the Scorer does, the file normalises inside. ONNX Runtime is given
+# torch's thread count, so that both use the same cores. max err: against eager's scores.
+ONNX_IMPLS = ("optimized", "onnxruntime")
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # pyproject.toml's [onnx] extra
+
+
+@functools.lru_cache(maxsize=None)
+def _onnx_session():
+    """An ONNX Runtime CPU session of the model rows' model, exported once per run; the file is removed
+    once loaded (the weights are inside it, and the session holds them)."""
+    from lifeiqa_fast.export import onnx_session
+
+    with tempfile.TemporaryDirectory() as folder:
+        model = _lifeiqa("eager", torch.device("cpu"), torch.float32)
+        path = lifeiqa_fast.export_onnx(model, pathlib.Path(folder) / "lifeiqa.onnx")
+        return onnx_session(path, threads=torch.get_num_threads())
+
+
+def _onnx_build(impl: str, device: torch.device, dtype: torch.dtype):
+    """(crops in [0, 1] (B, 3, 224, 224) -> scores (B,)), no parameters (forward rows only)."""
+    if impl == "onnxruntime":
+        missing = [m for m in ONNX_PACKAGES if importlib.util.find_spec(m) is None]
+        if missing:
+            raise Unavailable(f"n/a ({', '.join(missing)} not installed: pip install --no-build-isolation -e "
+                              f"\".[onnx]\")")
+        if device.type != "cpu":
+            raise Unavailable("n/a (ONNX Runtime's CPU provider: CPU rows only)")
+        from lifeiqa_fast.export import onnx_scores
+
+        session = _onnx_session()
+        return (lambda x: torch.from_numpy(onnx_scores(session, x))), ()
+    model = _lifeiqa("eager" if impl == "eager" else "optimized", device, torch.float32)
+    mean = torch.tensor(lifeiqa_fast.scorer.MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(lifeiqa_fast.scorer.STD, device=device).view(1, 3, 1, 1)
+    return (lambda x: model((x.float() - mean) / std)[0].view(-1)), ()
+
+
 def _loss_gradients(outs):
     # (score, aux, z) -> d(score.sum() + 0.01 * aux + 0.001 * z) / d(each): the authors' training loss
     score, aux, z = outs
@@ -378,6 +421,9 @@ CASES = {case.op: case for case in (
     Case("scorer", _scorer_inputs, _scorer_build, tuple(SCORER_IMPLS), {dt: 5e-2 for dt in DTYPES.values()},
          {"cpu": (1, 8), "cuda": (1, 8, 64)}, quick=(), default=(1,), dtypes=("fp32",), backward=False,
          per_item="img"),
+    # Not in --quick: exporting Swin-B takes ~40 s on a 2-core CPU (a 387 MiB file), besides torch.compile's minute.
+    Case("onnx", _scorer_inputs, _onnx_build, ONNX_IMPLS, MODEL_TOLERANCE, {"cpu": (1, 8), "cuda": (1, 8)},
+         quick=(), default=(1,), dtypes=("fp32",), backward=False, per_item="img"),
 )}
 
 
@@ -574,6 +620,13 @@ CSV_FIELDS = ("op", "impl", "device", "dtype", "batch", "direction", "median_ms"
               "status", "compile_s", "graphs", "other_load_cores")
 
 
+def _installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def describe_machine() -> dict:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -585,13 +638,15 @@ def describe_machine() -> dict:
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "triton": getattr(sys.modules.get("triton"), "__version__", None),  # lifeiqa_fast imports it if present
+            "onnxruntime": _installed_version("onnxruntime"),  # imported later, by the onnx rows
             "lifeiqa_fast": lifeiqa_fast.__version__, "git": git, "limits": LIMITS}
 
 
 def machine_lines(m: dict) -> list[str]:
     lines = [f"{m['date']}  lifeiqa_fast {m['lifeiqa_fast']} (git {m['git']}): {m['command']}",
              f"CPU: {m['cpu']}, {m['cpu_cores']} cores, torch threads {m['torch_threads']}; GPU: {m['gpu'] or 'none'}",
-             f"python {m['python']}, torch {m['torch']}, CUDA {m['cuda']}, Triton {m['triton']}"]
+             f"python {m['python']}, torch {m['torch']}, CUDA {m['cuda']}, Triton {m['triton']}, "
+             f"ONNX Runtime {m.get('onnxruntime')}"]
     for dev, lim in m["limits"].items():
         gemm = ", ".join(f"{dtype} {gflops:.1f}" for dtype, gflops in lim["gemm_gflops"].items())
         lines.append(f"limits on {dev}: GEMM 2048^3 GFLOP/s {gemm}; copy 256 MB {lim['copy_gbps']:.1f} GB/s")
@@ -718,8 +773,8 @@ def main(argv: list[str] | None = None) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="CI-sized: few batches (no model), fp32, fewer repetitions")
     size.add_argument("--full", action="store_true", help="every batch and dtype, the model at 8 images too (about "
-                      "10 min on a 2-core CPU; the default run: ops at 1 and 32, head at 1 and 8, model and scorer "
-                      "at 1, fp32, a few minutes)")
+                      "10 min on a 2-core CPU; the default run: ops at 1 and 32, head at 1 and 8, model, scorer and "
+                      "onnx at 1, fp32, a few minutes)")
     p.add_argument("--json", type=pathlib.Path, help="write the machine description and all rows as JSON")
     p.add_argument("--csv", type=pathlib.Path, help="write one row per op, impl, device, dtype, batch, direction")
     p.add_argument("--markdown", type=pathlib.Path, help="write the machine description and the tables as markdown")

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from safetensors import torch as storage
 from torch import nn
 
 from ._optional import require
@@ -49,7 +50,6 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, dataset: str
     lifeiqa_fast.train, of the authors' code with its config, or from_pretrained does). The directory is
     created; files of an earlier save are replaced, each by a rename (an interrupted save leaves the
     old file or the new one, never half of one)."""
-    storage = require("safetensors.torch", "safetensors", "hub", "save_pretrained")
     model = getattr(model, "_orig_mod", model)
     model = getattr(model, "module", model)
     if not isinstance(getattr(model, "config", None), Mapping) or "backbone" not in model.config:
@@ -146,7 +146,6 @@ def from_pretrained(name_or_dir: str | os.PathLike, revision: str | None = None,
     overrides: LifeIQA arguments to change (impl, ...). The weights load strictly; config.json may set
     the model's shape and backbone only, never a file to read (as load_checkpoint's configs).
     model.checkpoint_config records the dataset and resize for Scorer, model.pretrained_config the file."""
-    storage = require("safetensors.torch", "safetensors", "hub", "from_pretrained")
     from .model import LifeIQA, _saved_arguments
 
     directory = resolve(name_or_dir, revision, cache_dir)
@@ -184,6 +183,8 @@ def load_model(source, **kwargs):
 
     if isinstance(source, Mapping):
         return load_checkpoint(source, **kwargs)
+    if Path(source).name in (CONFIG_NAME, WEIGHTS_NAME) and (Path(source).parent / CONFIG_NAME).is_file():
+        source = Path(source).parent  # a file of a save_pretrained folder: the folder
     if Path(source).is_dir() or is_repo_id(os.fspath(source)):
         return from_pretrained(source, **kwargs)
     return load_checkpoint(source, **kwargs)

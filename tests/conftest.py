@@ -14,8 +14,9 @@ if not torch.cuda.is_available():
 
 # Every test runs on every machine, GPU tests aside: a package the suite needs that is missing is an
 # install error, reported before any test runs, never a skipped test. module -> pip name.
-TEST_PACKAGES = {"pytest": "pytest", "hypothesis": "hypothesis", "safetensors": "safetensors",
+TEST_PACKAGES = {"pytest": "pytest", "hypothesis": "hypothesis", "huggingface_hub": "huggingface_hub",
                  "skimage": "scikit-image", "scipy": "scipy", "openpyxl": "openpyxl", "matplotlib": "matplotlib",
+                 "onnx": "onnx", "onnxruntime": "onnxruntime", "onnxscript": "onnxscript",
                  **({"triton": "triton"} if sys.platform == "linux" else {})}  # pyproject's extras: Triton on Linux
 
 

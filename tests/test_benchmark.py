@@ -111,3 +111,11 @@ def test_failing_eager_reports_the_row_and_the_run_goes_on(bench):
     for r in rows:
         assert r["status"] == "not run: eager RuntimeError: CUDA out of memory. Tried to allocate 9 GiB"
         assert "median_ms" not in r and r["batch"] == 1 and r["op"] == "toy"
+
+
+def test_onnx_row_without_onnxruntime_says_why_and_is_not_timed(bench, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else
+                        find_spec(name, *a))
+    with pytest.raises(bench.Unavailable, match=r"^n/a \(onnxruntime not installed: .*\[onnx\]"):
+        bench.CASES["onnx"].build("onnxruntime", torch.device("cpu"), torch.float32)

@@ -19,6 +19,7 @@ import json
 import os
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import _ext
 
@@ -268,9 +269,14 @@ FEW_ROWS = 8
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), the same value to float rounding, faster for a few rows on CPU."""
+    """F.linear(x, weight, bias), the same value to float rounding, faster for a few rows on CPU.
+
+    A symbolic row count (torch.export with a dynamic batch, torch.onnx.export(dynamo=True),
+    torch.compile(dynamic=True)) takes F.linear: branching on it would add a guard (batch <= 8) that
+    narrows the batch sizes the traced graph holds for."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if x.device.type != "cpu" or not 0 < rows <= FEW_ROWS or weight.shape[-1] != x.shape[-1]:  # F.linear's errors
+    few = statically_known_true(rows > 0) and statically_known_true(rows <= FEW_ROWS)  # plain ints: as written
+    if x.device.type != "cpu" or not few or weight.shape[-1] != x.shape[-1]:  # F.linear's errors
         return torch.nn.functional.linear(x, weight, bias)
     xt = x.reshape(rows, x.shape[-1]).t()
     yt = torch.mm(weight, xt) if bias is None else torch.addmm(bias.unsqueeze(1), weight, xt)  # (N, rows)

@@ -110,7 +110,7 @@ class QualityLoss(nn.Module):
         self.lower_better = scale.lower_better if scale.known else lower_better
         self.reduction, self.data_range, self.crops, self.max_crops = reduction, data_range, crops, max_crops
         if resize == "auto":
-            resize = auto_resize(model, scale.dataset)
+            resize = auto_resize(model, scale.dataset, WHERE)
         self.resize = tuple(resize) if isinstance(resize, (tuple, list)) else resize
         self.model = optimize(model, impl).eval().requires_grad_(False)
 

@@ -253,7 +253,7 @@ def target_size(h: int, w: int, size: tuple[int, int] | int) -> tuple[int, int]:
     return tuple(size)
 
 
-def auto_resize(model: nn.Module, dataset: str | None):
+def auto_resize(model: nn.Module, dataset: str | None, who: str = "lifeiqa_fast.Scorer"):
     """resize="auto" for a model trained on dataset: what its training used (its checkpoint config's
     DATA.RESIZE, written by lifeiqa_fast.train), else the authors' protocol for the dataset ((512, 384)
     for KonIQ and SPAQ), else None; a warning when the dataset is not known (a resize may be needed
@@ -262,9 +262,9 @@ def auto_resize(model: nn.Module, dataset: str | None):
     if trained is not None:
         return None if trained == "none" else trained
     if dataset is None:
-        warnings.warn("lifeiqa_fast.Scorer: the model records no training dataset, so resize='auto' does not resize "
-                      "(a KonIQ or SPAQ model expects its images resized to 512 x 384 first); pass dataset= or "
-                      "resize= to say which", stacklevel=3)
+        warnings.warn(f"{who}: the model records no training dataset, so resize='auto' does not resize (a KonIQ "
+                      f"or SPAQ model expects its images resized to 512 x 384 first); pass dataset= or resize= to say "
+                      f"which", stacklevel=3)
     return RESIZED_DATASETS.get(dataset)
 
 

@@ -59,6 +59,9 @@ def test_official_checkpoint_still_loads_its_numpy_and_yacs_objects(tmp_path):
     model = lifeiqa_fast.load_checkpoint(path, **TINY)
     assert model.config["top_k"] == 1 and model.checkpoint_config["DATA"]["DATASET"] == "koniq"
     assert type(model.checkpoint_config).__module__ == "collections"  # no yacs class, no yacs code
+    scorer = lifeiqa_fast.Scorer(path, dtype="fp32", model_kwargs=TINY)  # their config says what a score means
+    assert (scorer.dataset, scorer.score_range, scorer.lower_better, scorer.resize) == ("koniq", (1.0, 100.0), False,
+                                                                                       (512, 384))
 
 
 @pytest.mark.parametrize("saved, message", [

@@ -29,14 +29,21 @@ def _absent(module: str) -> bool:
 
 MISSING = [module for module in TEST_PACKAGES if _absent(module)]
 # Except on a lent GPU machine (benchmarks/gpu_check.sh sets this), which has only torch, Triton, timm and
-# pytest and no network: there the test files that import a missing package at their top are left out of
-# collection, and the run says which (a test importing one in its body fails alone, if it is run).
+# pytest and no network: there the test files that import a missing package at their top, themselves or
+# through another test file they import there (test_scale.py imports test_cli.py's fixture), are left out
+# of collection, and the run says which (a test importing one in its body fails alone, if it is run).
 MISSING_OK = os.environ.get("LIFEIQA_FAST_TESTS_MISSING_OK", "0") == "1"
 collect_ignore = []
 if MISSING and MISSING_OK:
-    _imports = re.compile(rf"^(?:from|import)\s+({'|'.join(map(re.escape, MISSING))})\b", re.M)
-    collect_ignore = sorted(f.name for f in pathlib.Path(__file__).parent.glob("test_*.py")
-                            if _imports.search(f.read_text()))
+    _top = re.compile(r"^(?:from|import)\s+(\w+)", re.M)
+    _names = {f.stem: set(_top.findall(f.read_text())) for f in pathlib.Path(__file__).parent.glob("test_*.py")}
+    _left_out = {name for name, imported in _names.items() if imported & set(MISSING)}
+    while True:  # and the files importing those, until none is added
+        more = {name for name, imported in _names.items() if imported & _left_out} - _left_out
+        if not more:
+            break
+        _left_out |= more
+    collect_ignore = sorted(f"{name}.py" for name in _left_out)
 
 
 def pytest_configure(config):

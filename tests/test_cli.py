@@ -58,7 +58,7 @@ def test_score_folder_reports_and_skips_the_corrupt_file(photos):
     assert len(good) == 3 and rows[1]["score"] is None and "cannot read" in rows[1]["error"]
     for r in good:  # the table on the terminal shows each score
         assert f"{r['score']:8.4f}" in result.stdout
-    scorer = lifeiqa_fast.Scorer(model, device="cpu", dtype="fp32", batch_size=4)  # the same numbers in-process
+    scorer = lifeiqa_fast.Scorer(model, device="cpu", dtype="fp32", batch_size=4, resize=None)  # as the CLI: in-process
     expected = scorer([r["path"] for r in good])
     torch.testing.assert_close(torch.tensor([r["score"] for r in good]), expected, atol=1e-5, rtol=1e-5)
 
@@ -78,7 +78,8 @@ def test_score_without_checkpoint_explains(photos):
     _, folder, _ = photos
     result = _cli("score", folder)
     assert result.returncode == 2
-    assert "trained weights" in result.stderr and "save_checkpoint" in result.stderr
+    assert "-m/--model is required" in result.stderr and "trained weights" in result.stderr
+    assert "save_pretrained" in result.stderr and "lifeiqa-fast train writes" in result.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -137,7 +137,7 @@ def test_unknown_scale_needs_a_direction():
     with pytest.raises(ValueError, match=r"records no training dataset.*dataset=.*lower_better="):
         QualityLoss(bare)
     x = images(2, 224, 224)
-    lower, higher = (QualityLoss(bare, lower_better=b, reduction="none") for b in (True, False))
+    lower, higher = (QualityLoss(bare, lower_better=b, reduction="none", resize=None) for b in (True, False))
     assert not lower.scale.known and lower.lower_better and not higher.lower_better
     with torch.no_grad():
         scores = lower.score(x)

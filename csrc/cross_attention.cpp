@@ -35,7 +35,7 @@ using acc_type = at::opmath_type<scalar_t>;  // float for float, half and bfloat
 // Rows [begin, end) of x (rows, D): xn = (x - mean) * rstd * weight + bias in x's dtype (what
 // F.layer_norm returns), stats[row] = (mean, rstd), the variance biased.
 template <typename scalar_t>
-LIFEIQA_CPU_CLONES void layer_norm_rows(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
+LIFEIQA_CPU_INLINE void layer_norm_rows_impl(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
                                         const scalar_t* __restrict__ bias, int64_t begin, int64_t end, int64_t D,
                                         acc_type<scalar_t> eps, scalar_t* __restrict__ xn,
                                         acc_type<scalar_t>* __restrict__ stats) {
@@ -61,6 +61,7 @@ LIFEIQA_CPU_CLONES void layer_norm_rows(const scalar_t* __restrict__ x, const sc
     stats[2 * r + 1] = rstd;
   }
 }
+LIFEIQA_CPU_DISPATCH(layer_norm_rows)
 
 struct Attend {
   int64_t Nq, Nk, D, H, hd;
@@ -72,7 +73,7 @@ struct Attend {
 // buf: Nq * (hd + Nk + hd) accumulators (q rows, scores, output rows).
 // Example, one key: every score's softmax weight is 1, so o = v and lse = that score.
 template <typename scalar_t>
-LIFEIQA_CPU_CLONES void attend_head(const Attend& p, const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
+LIFEIQA_CPU_INLINE void attend_head_impl(const Attend& p, const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                                     const scalar_t* __restrict__ v, scalar_t* __restrict__ o,
                                     acc_type<scalar_t>* __restrict__ lse, acc_type<scalar_t>* __restrict__ buf) {
   using acc_t = acc_type<scalar_t>;
@@ -119,6 +120,7 @@ LIFEIQA_CPU_CLONES void attend_head(const Attend& p, const scalar_t* __restrict_
   for (int64_t i = 0; i < Nq; ++i)
     for (int64_t c = 0; c < hd; ++c) o[i * p.D + c] = static_cast<scalar_t>(acc[i * hd + c]);
 }
+LIFEIQA_CPU_DISPATCH(attend_head)
 
 // fp32 with head_dim a multiple of 8: the same task on eight-float vectors (GCC/Clang vector
 // extensions, as in gcn.cpp), the softmax's exponentials included, compiled for AVX2 + FMA and for
@@ -272,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_att
 // its (Nq, D) rows of do and dq; dk: its first row of dkv ((Nk, 2, D) contiguous, dV at dk + D); all
 // with the head's offset applied. buf: Nq * (hd + Nk + 1) accumulators.
 template <typename scalar_t>
-LIFEIQA_CPU_CLONES void attend_head_backward(const Attend& p, const scalar_t* __restrict__ q,
+LIFEIQA_CPU_INLINE void attend_head_backward_impl(const Attend& p, const scalar_t* __restrict__ q,
                                              const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
                                              const scalar_t* __restrict__ o, const acc_type<scalar_t>* __restrict__ lse,
                                              const acc_type<scalar_t>* __restrict__ dout,
@@ -333,11 +335,12 @@ LIFEIQA_CPU_CLONES void attend_head_backward(const Attend& p, const scalar_t* __
     }
   }
 }
+LIFEIQA_CPU_DISPATCH(attend_head_backward)
 
 // LayerNorm rows [begin, end) given dxn, the gradient of its output: dx = dout + rstd (dxhat -
 // mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dxn * weight, in x's dtype.
 template <typename scalar_t>
-LIFEIQA_CPU_CLONES void layer_norm_backward_rows(const acc_type<scalar_t>* __restrict__ xhat,
+LIFEIQA_CPU_INLINE void layer_norm_backward_rows_impl(const acc_type<scalar_t>* __restrict__ xhat,
                                                  const acc_type<scalar_t>* __restrict__ dxn,
                                                  const acc_type<scalar_t>* __restrict__ dout,
                                                  const acc_type<scalar_t>* __restrict__ stats,
@@ -361,6 +364,7 @@ LIFEIQA_CPU_CLONES void layer_norm_backward_rows(const acc_type<scalar_t>* __res
     }
   }
 }
+LIFEIQA_CPU_DISPATCH(layer_norm_backward_rows)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 cross_attention_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& kv,

@@ -26,7 +26,7 @@ namespace {
 // A == nullptr is the fixed graph (J + I) / (N + 1): A h = (h + sum over tokens of h) / (N + 1).
 // Example, N = 2, C = 1, h = [1, 3]: sum 4, A h = [5, 7] / 3.
 template <typename scalar_t>
-LIFEIQA_CPU_CLONES void propagate_image(scalar_t* __restrict__ h, const scalar_t* __restrict__ A,
+LIFEIQA_CPU_INLINE void propagate_image_impl(scalar_t* __restrict__ h, const scalar_t* __restrict__ A,
                                         const scalar_t* __restrict__ bias, const scalar_t* __restrict__ residual,
                                         int64_t N, int64_t C, bool relu, at::opmath_type<scalar_t>* __restrict__ buf) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -61,6 +61,7 @@ LIFEIQA_CPU_CLONES void propagate_image(scalar_t* __restrict__ h, const scalar_t
     }
   }
 }
+LIFEIQA_CPU_DISPATCH(propagate_image)
 
 // h: (B * N, C) contiguous, updated image by image; adj: undefined (fixed), (N, N) or (B, N, N)
 // contiguous; residual: undefined or (B, N, C) contiguous.
@@ -79,7 +80,7 @@ void propagate(at::Tensor& h, const at::Tensor& adj, const at::Tensor& bias, boo
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> buf((N + 1) * C);
       for (int64_t i = begin; i < end; ++i) {
-        propagate_image(hp + i * N * C, ap == nullptr ? nullptr : ap + i * a_stride, bp,
+        propagate_image<scalar_t>(hp + i * N * C, ap == nullptr ? nullptr : ap + i * a_stride, bp,
                         rp == nullptr ? nullptr : rp + i * N * C, N, C, relu, buf.data());
       }
     });

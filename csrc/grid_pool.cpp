@@ -19,7 +19,7 @@ namespace {
 constexpr int64_t kLanes = 16;
 // out[c] = mean over cells (h, w) in [h0, h1) x [w0, w1) of x[h * sH + w * sW + c * sC], c < C.
 template <typename scalar_t>
-LIFEIQA_CPU_CLONES void bin_mean(const scalar_t* __restrict__ x, int64_t sH, int64_t sW, int64_t sC, int64_t h0,
+LIFEIQA_CPU_INLINE void bin_mean_impl(const scalar_t* __restrict__ x, int64_t sH, int64_t sW, int64_t sC, int64_t h0,
                                  int64_t h1, int64_t w0, int64_t w1, int64_t C, scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t count = static_cast<acc_t>((h1 - h0) * (w1 - w0));
@@ -42,10 +42,11 @@ LIFEIQA_CPU_CLONES void bin_mean(const scalar_t* __restrict__ x, int64_t sH, int
     out[c] = static_cast<scalar_t>(acc / count);
   }
 }
+LIFEIQA_CPU_DISPATCH(bin_mean)
 
 // dst[c] = src[c * sC] / count, c < C: one cell's share of its bin's gradient.
 template <typename scalar_t>
-LIFEIQA_CPU_CLONES void spread(const scalar_t* __restrict__ src, int64_t sC, at::opmath_type<scalar_t> count,
+LIFEIQA_CPU_INLINE void spread_impl(const scalar_t* __restrict__ src, int64_t sC, at::opmath_type<scalar_t> count,
                                int64_t C, scalar_t* __restrict__ dst) {
   using acc_t = at::opmath_type<scalar_t>;
   if (sC == 1) {
@@ -54,6 +55,7 @@ LIFEIQA_CPU_CLONES void spread(const scalar_t* __restrict__ src, int64_t sC, at:
     for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(static_cast<acc_t>(src[c * sC]) / count);
   }
 }
+LIFEIQA_CPU_DISPATCH(spread)
 
 // out[b, i * g + j, :] = mean of x[b, h, w, :] over h in [edge(i), edge(i+1)), w in [edge(j), edge(j+1)).
 // One task = one (image, bin) pair.
@@ -70,7 +72,7 @@ void grid_pool_cpu_impl(const at::Tensor& x, at::Tensor& out, int64_t g) {
   at::parallel_for(0, B * bins, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / bins, i = (task % bins) / g, j = task % g;
-      bin_mean(xp + b * sB, sH, sW, sC, bin_edge(i, H, g), bin_edge(i + 1, H, g), bin_edge(j, W, g),
+      bin_mean<scalar_t>(xp + b * sB, sH, sW, sC, bin_edge(i, H, g), bin_edge(i + 1, H, g), bin_edge(j, W, g),
                bin_edge(j + 1, W, g), C, op + task * C);
     }
   });
@@ -99,7 +101,7 @@ void grid_pool_backward_cpu_impl(const at::Tensor& grad, at::Tensor& dx, int64_t
       const int64_t i = bin_of(h, H, g);
       const acc_t height = static_cast<acc_t>(bin_edge(i + 1, H, g) - bin_edge(i, H, g));
       for (int64_t w = 0; w < W; ++w)
-        spread(gp + b * gB + (i * g + col_bin[w]) * gP, gC, height * col_width[w], C, dp + (row * W + w) * C);
+        spread<scalar_t>(gp + b * gB + (i * g + col_bin[w]) * gP, gC, height * col_width[w], C, dp + (row * W + w) * C);
     }
   });
 }

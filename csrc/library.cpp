@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "cpu.h"
+
 #if __has_include("lifeiqa_fast_build_info.h")
 #include "lifeiqa_fast_build_info.h"  // written by setup.py into build/generated
 #else
@@ -15,6 +17,18 @@ TORCH_LIBRARY(lifeiqa_fast, m) {
   // JSON: {"cuda": compiled with the CUDA kernels, "cuda_arch_list": TORCH_CUDA_ARCH_LIST, "cuda_sources":
   // {op: sha256 of its CUDA sources}}, fixed when this binary was compiled (setup.py).
   m.def("build_info() -> str", []() -> std::string { return LIFEIQA_FAST_BUILD_INFO; });
+  // The build of the CPU kernels' hot loops that runs (cpu.h): "avx2" (AVX2 + FMA) or "baseline".
+  m.def("cpu_isa() -> str", []() -> std::string {
+    return lifeiqa_fast::cpu_has_avx2_fma() ? "avx2" : "baseline";
+  });
+  // isa "baseline" forces the baseline x86-64 build on any CPU, "best" the best the CPU has (the
+  // default; LIFEIQA_FAST_CPU_ISA=baseline starts a process with the baseline). Returns cpu_isa().
+  m.def("set_cpu_isa(str isa) -> str", [](std::string isa) -> std::string {
+    TORCH_CHECK(isa == "baseline" || isa == "best", "lifeiqa_fast.set_cpu_isa: isa must be 'baseline' or 'best', got '",
+                isa, "'");
+    lifeiqa_fast::baseline_forced().store(isa == "baseline");
+    return lifeiqa_fast::cpu_has_avx2_fma() ? "avx2" : "baseline";
+  });
   // x: (B, H, W, C), any strides (an NCHW tensor permuted to NHWC is read in place).
   // Returns (B, grid * grid, C): the mean of x over each UPP bin, bins row-major.
   m.def("grid_pool(Tensor x, int grid) -> Tensor");

@@ -47,6 +47,7 @@ if MISSING and MISSING_OK:
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "cpu_isa(isa): run the CPU kernels' build for isa (helpers.impl_params)")
     if MISSING and not MISSING_OK:
         raise pytest.UsageError(f"the test suite needs {', '.join(TEST_PACKAGES[m] for m in MISSING)}, not "
                                 f"installed here: pip install --no-build-isolation -e \".[all]\" (README, Install)")
@@ -70,3 +71,19 @@ else:
     settings.register_profile("explore", max_examples=500)
     settings.load_profile("ci")
 
+
+
+@pytest.fixture(autouse=True)
+def cpu_isa(request):
+    """For a test marked cpu_isa("baseline"): the CPU kernels run their baseline x86-64 build (the op
+    set_cpu_isa), whatever this CPU has; the best build again after it."""
+    marker = request.node.get_closest_marker("cpu_isa")
+    if marker is None:
+        yield None
+        return
+    isa = marker.args[0]
+    assert torch.ops.lifeiqa_fast.set_cpu_isa(isa) == isa
+    try:
+        yield isa
+    finally:
+        torch.ops.lifeiqa_fast.set_cpu_isa("best")

@@ -26,7 +26,21 @@ def impl_params(op: str, composite: bool = False) -> list:
             if why is not None:
                 marks.append(pytest.mark.skip(reason=why))
             params.append(pytest.param((impl, device), id=f"{impl}-{device}", marks=marks))
+            if impl == "native" and device == "cpu" and why is None and cpu_isas() == ["avx2", "baseline"]:
+                # the same tests on the baseline x86-64 build of the CPU kernels (conftest's cpu_isa fixture)
+                params.append(pytest.param((impl, device), id="native-baseline-cpu",
+                                           marks=[*marks, pytest.mark.cpu_isa("baseline")]))
     return params
+
+
+def cpu_isas() -> list[str]:
+    """The builds of the CPU kernels this machine runs: ["avx2", "baseline"] on an x86 CPU with AVX2 + FMA
+    (the baseline one forced by set_cpu_isa), else ["baseline"]; [] without the compiled ops."""
+    ops = torch.ops.lifeiqa_fast
+    if not hasattr(ops, "cpu_isa"):
+        return []
+    best = ops.set_cpu_isa("best")
+    return ["avx2", "baseline"] if best == "avx2" else ["baseline"]
 
 
 def dtypes_for(impl: str, device: str) -> list[torch.dtype]:

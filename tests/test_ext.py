@@ -91,3 +91,26 @@ def test_info_reports_versions_backends_and_choices():
     assert "compiled extension _C: loaded, backends CPU" in out.stdout
     assert "grid_pool" in out.stdout and "auto on cpu: native" in out.stdout
     assert out.stderr == ""
+
+
+def test_cpu_kernels_builds_are_switched():
+    """The CPU kernels' hot loops exist in an AVX2 + FMA build and a baseline x86-64 one; the tests of
+    each native op run on both (helpers.impl_params' native-baseline-cpu params), switched in process by
+    set_cpu_isa, or at start by LIFEIQA_FAST_CPU_ISA=baseline."""
+    from helpers import cpu_isas
+
+    ops = torch.ops.lifeiqa_fast
+    isas = cpu_isas()
+    assert ops.cpu_isa() == isas[0]
+    assert ops.set_cpu_isa("baseline") == "baseline" and ops.cpu_isa() == "baseline"
+    assert ops.set_cpu_isa("best") == isas[0]
+    with pytest.raises(RuntimeError, match="isa must be 'baseline' or 'best', got 'sse'"):
+        ops.set_cpu_isa("sse")
+    started = subprocess.run([sys.executable, "-c", "import lifeiqa_fast, torch; print(torch.ops.lifeiqa_fast.cpu_isa())"],
+                             capture_output=True, text=True, env={**os.environ, "LIFEIQA_FAST_CPU_ISA": "baseline"})
+    assert started.stdout.strip() == "baseline", started.stderr
+
+
+@pytest.mark.cpu_isa("baseline")
+def test_the_cpu_isa_mark_runs_the_baseline_build():
+    assert torch.ops.lifeiqa_fast.cpu_isa() == "baseline"

@@ -56,9 +56,49 @@ BASELINES = ("eager", "compile")
 MIN_SAMPLES = 5
 
 
+def _gcn_flop(x, adj, w1, b1, w2, b2, w3, b3, *_):
+    # per layer: the (in, out) product, then the propagation: the fixed graph in closed form (a mean over
+    # the N tokens and an add: ~2 per element), a given (N, N) graph as a product
+    B, N, _ = x.shape
+    return sum(2 * B * N * w.shape[0] * w.shape[1] + (2 * B * N * w.shape[1] if adj is None else 2 * B * N * N * w.shape[1])
+               for w in (w1, w2, w3))
+
+
+def _cross_attention_flop(x, kv, *_):
+    # the query and output projections, the scores and the weighted values; LayerNorm and softmax not counted
+    B, Nq, D = x.shape
+    return 4 * B * Nq * D * D + 4 * B * Nq * kv.shape[1] * D
+
+
+def _moe_flop(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask=None, dense=False, *_):
+    # the router, then each token through its top_k experts (every expert when dense): two products each
+    T, D = x.shape
+    E, F = w1.shape[:2]
+    return 2 * T * D * E + (E if dense else top_k) * T * 4 * D * F
+
+
+# FLOP of our custom ops (the matmuls they execute, as flop_registry counts ATen's), so that an
+# implementation's executed FLOP is counted, not eager's: the backward ops do about twice the forward's
+# products (the input and the weight gradients), the attention's four products instead of two.
+OUR_OP_FLOP = {
+    "grid_pool": lambda x, grid: x.numel() + x.shape[0] * grid * grid * x.shape[-1],
+    "grid_pool_triton": lambda x, grid: x.numel() + x.shape[0] * grid * grid * x.shape[-1],
+    "grid_pool_backward": lambda grad, height, width, grid: grad.shape[0] * height * width * grad.shape[-1],
+    "grid_pool_triton_backward": lambda grad, height, width, grid: grad.shape[0] * height * width * grad.shape[-1],
+    "gcn": _gcn_flop, "gcn_triton": _gcn_flop,
+    "cross_attention": _cross_attention_flop, "cross_attention_triton": _cross_attention_flop,
+    "cross_attention_backward": lambda grad, x, kv, *_: 2 * _cross_attention_flop(x, kv) + 4 * x.shape[0] * x.shape[1]
+    * kv.shape[1] * x.shape[2],
+    "moe": _moe_flop, "moe_triton": _moe_flop,
+    "moe_backward": lambda grad, grad_aux, grad_z, x, router_weight, w1, w2, dropout_mask, logits, indices, *_: 2
+    * _moe_flop(x, router_weight, None, w1, None, w2, None, indices.shape[-1]),
+}
+
+
 class FlopCount(TorchDispatchMode):
     """FLOP of the matmuls and convolutions run inside, by torch.utils.flop_counter's formulas (its
-    FlopCounterMode also tracks modules with hooks that autograd.grad on leaves does not support)."""
+    FlopCounterMode also tracks modules with hooks that autograd.grad on leaves does not support), and
+    of lifeiqa_fast's own ops by OUR_OP_FLOP."""
 
     total = 0
 
@@ -66,7 +106,22 @@ class FlopCount(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if func.overloadpacket in flop_registry:
             self.total += flop_registry[func.overloadpacket](*args, **(kwargs or {}), out_val=out)
+        elif func.namespace == "lifeiqa_fast" and func._opname in OUR_OP_FLOP:
+            self.total += OUR_OP_FLOP[func._opname](*args, **(kwargs or {}))
         return out
+
+
+def _executed_flop(name: str, rows: dict, run: Callable[[], object]) -> float | None:
+    """The FLOP implementation `name` executes: counted on a call of run (the matmuls and our ops), or
+    for a compiled or graphed implementation (which cannot run under a dispatch mode) those of the one it
+    compiles ("composite-compile": "composite"); None where nothing is counted (an op family whose work is
+    adds, as grid_pool's composite: the case's own count stands)."""
+    base = name.split("-compile")[0].split("-graph")[0]
+    if base != name:
+        return rows.get(base, {}).get("flop")
+    with FlopCount() as executed:
+        run()
+    return executed.total or None
 
 
 class Unavailable(Exception):
@@ -582,6 +637,7 @@ def bench_row(case: Case, device: torch.device, dtype: torch.dtype, batch: int, 
                 else:
                     fn, fn_params = case.build(name, device, dtype)
                     got = call(fn, fn_params)
+                    row["flop"] = _executed_flop(name, rows, lambda: call(fn, fn_params))
             except Unavailable as exc:
                 row["status"] = str(exc)
                 continue
@@ -610,14 +666,21 @@ def bench_row(case: Case, device: torch.device, dtype: torch.dtype, batch: int, 
                        gbps=gbps, speedup_vs_eager=medians["eager"] / median if "eager" in medians else None,
                        speedup_vs_compile=medians["compile"] / median if "compile" in medians else None,
                        limit_fraction=max(gbps / limits["copy_gbps"], gflops / limits["gemm_gflops"][base["dtype"]]))
+            # The floor: the time the bytes it must move take at the copy bandwidth, or the FLOP it executes
+            # at the GEMM rate in its dtype, whichever is longer (eager's FLOP for eager and compile)
+            executed = row.pop("flop", None) or flop
+            floor = max(nbytes / limits["copy_gbps"] / 1e6, executed / limits["gemm_gflops"][base["dtype"]] / 1e6)
+            row.update(flop_executed=executed, floor_ms=floor, of_floor=floor / median)
+        else:
+            row.pop("flop", None)
         result.append(row)
     return result
 
 
 LIMITS: dict[str, dict] = {}  # device type -> measure_limits(), filled before any row runs
 CSV_FIELDS = ("op", "impl", "device", "dtype", "batch", "direction", "median_ms", "p20_ms", "p80_ms", "samples",
-              "speedup_vs_eager", "speedup_vs_compile", "gflops", "gbps", "limit_fraction", "max_err",
-              "status", "compile_s", "graphs", "other_load_cores")
+              "speedup_vs_eager", "speedup_vs_compile", "gflops", "gbps", "limit_fraction", "flop_executed",
+              "floor_ms", "of_floor", "max_err", "status", "compile_s", "graphs", "other_load_cores")
 
 
 def _installed_version(package: str) -> str | None:
@@ -668,7 +731,8 @@ def summary(results: list[dict]) -> list[tuple[str, list[list[str]]]]:
         groups.setdefault(key, {}).setdefault((r["op"], r["batch"]), {})[r["impl"]] = r
     out = []
     for (device, dtype, direction), cases in groups.items():
-        cells = [["op", "batch", "eager ms", "compile ms", "fastest of ours", "ms", "vs eager", "vs compile"]]
+        cells = [["op", "batch", "eager ms", "compile ms", "fastest of ours", "ms", "vs eager", "vs compile",
+                  "of floor"]]
         for (op, batch), impls in cases.items():
             ours = [r for name, r in impls.items() if name not in BASELINES and "median_ms" in r]
             best = min(ours, key=lambda r: r["median_ms"], default={})
@@ -678,7 +742,7 @@ def summary(results: list[dict]) -> list[tuple[str, list[list[str]]]]:
                 compile_ms += f" (compile {compiled['compile_s']:.1f} s)"
             cells.append([op, str(batch), _fmt(eager.get("median_ms"), ".4g"), compile_ms, best.get("impl", "none"),
                           _fmt(best.get("median_ms"), ".4g"), _fmt(best.get("speedup_vs_eager"), ".1f"),
-                          _fmt(best.get("speedup_vs_compile"), ".1f")])
+                          _fmt(best.get("speedup_vs_compile"), ".1f"), _fmt(best.get("of_floor"), ".0%")])
         out.append((f"summary / {device} / {dtype} / {direction}", cells))
     return out
 
@@ -692,7 +756,7 @@ def tables(results: list[dict]) -> list[tuple[str, list[list[str]]]]:
     for (op, device, dtype, direction), rows in groups.items():
         unit = CASES[op].per_item if op in CASES else None
         cells = [["batch", "impl", "ms median [p20-p80]", *([f"{unit}/s"] if unit else []), "vs eager", "vs compile",
-                  "GB/s", "GFLOP/s", "of limit", "max err", "status"]]
+                  "GB/s", "GFLOP/s", "of limit", "floor ms", "of floor", "max err", "status"]]
         for r in rows:
             ms = f"{r['median_ms']:.4g} [{r['p20_ms']:.4g}-{r['p80_ms']:.4g}]" if "median_ms" in r else ""
             rate = [_fmt(r["batch"] / r["median_ms"] * 1e3 if "median_ms" in r else None, ".3g")] if unit else []
@@ -702,7 +766,8 @@ def tables(results: list[dict]) -> list[tuple[str, list[list[str]]]]:
             cells.append([str(r["batch"]), r["impl"], ms, *rate, _fmt(r.get("speedup_vs_eager"), ".1f"),
                           _fmt(r.get("speedup_vs_compile"), ".1f"), _fmt(r.get("gbps"), ".2f"),
                           _fmt(r.get("gflops"), ".2f"), _fmt(r.get("limit_fraction"), ".1%"),
-                          _fmt(r["max_err"], ".1e"), status])
+                          _fmt(r.get("floor_ms"), ".4g"), _fmt(r.get("of_floor"), ".0%"), _fmt(r["max_err"], ".1e"),
+                          status])
         load = max((r["other_load_cores"] or 0.0) for r in rows)
         warn = f"  [other processes used up to {load:.1f} cores while timing]" if load > 0.2 else ""
         out.append((f"{op} / {device} / {dtype} / {direction}{warn}", cells))

@@ -49,6 +49,7 @@ def test_quick_benchmark_runs(tmp_path):
             assert r["status"] == "ok" and r["max_err"] < 1e-5, r
             assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["samples"] >= 5
             assert r["gflops"] > 0 and r["gbps"] > 0 and r["limit_fraction"] > 0
+            assert r["floor_ms"] > 0 and math.isclose(r["of_floor"], r["floor_ms"] / r["median_ms"], rel_tol=1e-9)
             assert math.isclose(r["speedup_vs_eager"], eager["median_ms"] / r["median_ms"], rel_tol=1e-9)
             assert math.isclose(r["speedup_vs_compile"], compiled["median_ms"] / r["median_ms"], rel_tol=1e-9)
     assert "summary / cpu / fp32 / forward" in result.stdout and "head / cpu / fp32 / forward" in result.stdout
@@ -119,3 +120,25 @@ def test_onnx_row_without_onnxruntime_says_why_and_is_not_timed(bench, monkeypat
                         find_spec(name, *a))
     with pytest.raises(bench.Unavailable, match=r"^n/a \(onnxruntime not installed: .*\[onnx\]"):
         bench.CASES["onnx"].build("onnxruntime", torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("op, ours, theirs", [("gcn", "native", "composite"), ("moe", "native-grouped", "eager"),
+                                              ("cross_attention", "native", None)])
+def test_our_ops_flop_formulas_match_the_aten_count(bench, op, ours, theirs):
+    """The FLOP counted for our custom ops (OUR_OP_FLOP, the floors' numerator) against torch's own count
+    of an ATen implementation of the same work: the same to the terms the formulas leave out (gcn: the
+    closed-form graph instead of the (N, N) product; moe: the same products). cross_attention's eager
+    attention is not counted by torch (its fused SDPA call), so its formula is checked by hand."""
+    case, cpu = bench.CASES[op], torch.device("cpu")
+    inputs = case.make_inputs(8, torch.float32, cpu)
+
+    def count(impl):
+        fn, _ = case.build(impl, cpu, torch.float32)
+        with torch.no_grad(), bench.FlopCount() as counter:
+            fn(*inputs)
+        return counter.total
+
+    if theirs is not None:
+        assert count(ours) == pytest.approx(count(theirs), rel=0.05)
+    else:  # (B, Nq, D) = (8, 6, 384), 49 keys: 2 (D x D) projections and 2 (Nq x Nk x D) products per image
+        assert count(ours) == 8 * (2 * 2 * 6 * 384 * 384 + 2 * 2 * 6 * 49 * 384)

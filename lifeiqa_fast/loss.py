@@ -9,7 +9,6 @@ direction of the training set's labels (lifeiqa_fast.scale).
 from __future__ import annotations
 
 import copy
-import math
 import os
 
 import torch
@@ -20,7 +19,8 @@ from .model import optimize
 from .ops._impl import _check_impl, is_int
 from .scale import DATASET_SCALES, scale_of, scale_of_model
 from .pretrained import load_model
-from .scorer import CROP, FLOAT_SLACK, MAX_CROPS, MEAN, STD, _value_range, auto_resize, crop_corners, target_size
+from .scorer import (CROP, FLOAT_SLACK, MAX_CROPS, MEAN, STD, _value_range, auto_resize, crop_corners, is_data_range,
+                     is_size, target_size)
 
 REDUCTIONS = ("mean", "sum", "none")
 WHERE = "lifeiqa_fast.QualityLoss"  # how its errors begin
@@ -72,13 +72,10 @@ class QualityLoss(nn.Module):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"{WHERE}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if isinstance(data_range, bool) or not isinstance(data_range, (int, float)) or not (
-                0 < data_range < math.inf):
+        if not is_data_range(data_range):
             raise ValueError(f"{WHERE}: data_range must be a finite number > 0 (1.0 for images in [0, 1], 255 for "
                              f"0..255), got {data_range!r}")
-        sizes = [resize] if is_int(resize) else list(resize) if isinstance(resize, (tuple, list)) else []
-        if resize not in (None, "auto") and not (len(sizes) == (1 if is_int(resize) else 2)
-                                       and all(is_int(v) and v >= CROP for v in sizes)):
+        if resize not in (None, "auto") and not is_size(resize):
             raise ValueError(f"{WHERE}: resize must be 'auto', None, (H, W) or a short side, each an int >= {CROP}, "
                              f"got {resize!r}")
         if crops != "grid" and not (is_int(crops) and crops >= 1):

@@ -59,32 +59,29 @@ class ScoreScale:
                 f"{'lower' if self.lower_better else 'higher'} is better")
 
 
-def _scale(dataset, label, score_range, lower_better, definition) -> ScoreScale:
-    return ScoreScale(dataset, label, score_range, lower_better, definition)
-
-
 # The label each reader of lifeiqa_fast.data returns (docs/datasets.md), on its documented scale.
 DATASET_SCALES: dict[str, ScoreScale] = {s.dataset: s for s in (
-    _scale("live", "DMOS (realigned)", (1.0, 100.0), True,
-           "LIVE Release 2: difference mean opinion scores, z-scored and rescaled to 1..100; 0 is a pristine image"),
-    _scale("csiq", "DMOS", (0.0, 1.0), True,
-           "CSIQ: difference mean opinion scores from ratings of the distorted images against their references, "
-           "0 (no difference) to 1"),
-    _scale("tid2013", "MOS", (0.0, 9.0), False,
-           "TID2013: mean opinion scores from pairwise comparisons, 0 to 9 (the readme's range)"),
-    _scale("kadid", "DMOS column (a DCR rating)", (1.0, 5.0), False,
-           "KADID-10k: the 'dmos' column holds degradation category ratings, 1 (very annoying) to 5 "
-           "(imperceptible): higher is better despite the name"),
-    _scale("livec", "MOS", (0.0, 100.0), False,
-           "LIVE In the Wild Challenge: mean opinion scores from a continuous 0..100 slider"),
-    _scale("koniq", "MOS_zscore", (1.0, 100.0), False,
-           "KonIQ-10k: the MOS_zscore column, mean z-scores of 1..5 ratings rescaled to 1..100"),
-    _scale("spaq", "MOS", (0.0, 100.0), False,
-           "SPAQ: mean opinion scores from a continuous 0..100 scale"),
-    _scale("livefb", "MOS", (0.0, 100.0), False,
-           "LIVE-FB (PaQ-2-PiQ): mean opinion scores from a continuous 0..100 slider"),
-    _scale("synthetic", "DMOS column (1 + 4 SSIM)", (1.0, 5.0), False,
-           "lifeiqa_fast's synthetic set: 1 + 4 x SSIM to the reference, higher is better (data/synthetic.py)"),
+    ScoreScale("live", "DMOS (realigned)", (1.0, 100.0), True,
+               "LIVE Release 2: difference mean opinion scores, z-scored and rescaled to about 1..100 (higher: "
+               "more distorted)"),
+    ScoreScale("csiq", "DMOS", (0.0, 1.0), True,
+               "CSIQ: difference mean opinion scores from ratings of the distorted images against their references, "
+               "0 (no difference) to 1"),
+    ScoreScale("tid2013", "MOS", (0.0, 9.0), False,
+               "TID2013: mean opinion scores from pairwise comparisons, 0 to 9 (the readme's range)"),
+    ScoreScale("kadid", "DMOS column (a DCR rating)", (1.0, 5.0), False,
+               "KADID-10k: the 'dmos' column holds degradation category ratings, 1 (very annoying) to 5 "
+               "(imperceptible): higher is better despite the name"),
+    ScoreScale("livec", "MOS", (0.0, 100.0), False,
+               "LIVE In the Wild Challenge: mean opinion scores from a continuous 0..100 slider"),
+    ScoreScale("koniq", "MOS_zscore", (1.0, 100.0), False,
+               "KonIQ-10k: the MOS_zscore column, mean z-scores of 1..5 ratings rescaled to 1..100"),
+    ScoreScale("spaq", "MOS", (0.0, 100.0), False,
+               "SPAQ: mean opinion scores from a continuous 0..100 scale"),
+    ScoreScale("livefb", "MOS", (0.0, 100.0), False,
+               "LIVE-FB (PaQ-2-PiQ): mean opinion scores from a continuous 0..100 slider"),
+    ScoreScale("synthetic", "DMOS column (1 + 4 SSIM)", (1.0, 5.0), False,
+               "lifeiqa_fast's synthetic set: 1 + 4 x SSIM to the reference, higher is better (data/synthetic.py)"),
 )}
 
 

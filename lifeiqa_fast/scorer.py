@@ -25,6 +25,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .model import config_value, optimize
+from .ops._impl import is_int
 from .pretrained import load_model
 from .scale import DATASET_SCALES, ScoreScale, dataset_of, scale_of
 
@@ -244,6 +245,18 @@ def _as_chw(image) -> tuple[object, Tensor | None]:
     return None, image.detach().cpu().expand(3, -1, -1)  # a grey (1, H, W) tensor as RGB
 
 
+def is_size(size) -> bool:
+    """Whether size names a resize: (H, W) or a short side, each an int >= 224 (Scorer's and
+    QualityLoss's resize, past "auto" and None)."""
+    sizes = [size] if is_int(size) else list(size) if isinstance(size, (tuple, list)) else []
+    return len(sizes) == (1 if is_int(size) else 2) and all(is_int(v) and v >= CROP for v in sizes)
+
+
+def is_data_range(value) -> bool:
+    """Whether value can be a float image's data_range: a finite number > 0 (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < math.inf
+
+
 def target_size(h: int, w: int, size: tuple[int, int] | int) -> tuple[int, int]:
     """The (H, W) an h x w image is resized to for size: (H, W) itself, or an int: the short side, the
     aspect ratio kept, neither side under it."""
@@ -441,7 +454,7 @@ class Scorer:
             raise ValueError(f"lifeiqa_fast.Scorer: crops must be 'grid', 'official' or a positive int, got {crops!r}")
         if max_crops is not None and not positive_int(max_crops):
             raise ValueError(f"lifeiqa_fast.Scorer: max_crops must be a positive int or None, got {max_crops!r}")
-        if isinstance(data_range, bool) or not isinstance(data_range, (int, float)) or not 0 < data_range < math.inf:
+        if not is_data_range(data_range):
             raise ValueError(f"lifeiqa_fast.Scorer: data_range must be a positive number (1.0 for images in [0, 1], "
                              f"255 for 0..255), got {data_range!r}")
         if errors not in ("nan", "raise"):
@@ -478,10 +491,7 @@ class Scorer:
             crops, resize = self._official(model, dtype, resize)
         if resize == "auto":
             resize = auto_resize(model, self.dataset)
-        sizes = [resize] if isinstance(resize, int) else list(resize) if isinstance(resize, (tuple, list)) else []
-        well_formed = len(sizes) == (1 if isinstance(resize, int) else 2) and all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= CROP for v in sizes)
-        if resize is not None and not well_formed:
+        if resize is not None and not is_size(resize):
             raise ValueError(f"lifeiqa_fast.Scorer: resize must be 'auto', None, (H, W) or a short side, each >= "
                              f"{CROP}, got {resize!r}")
         self.resize = tuple(resize) if isinstance(resize, (tuple, list)) else resize

@@ -125,28 +125,6 @@ LIFEIQA_CPU_DISPATCH(attend_head)
 // fp32 with head_dim a multiple of 8: the same task on eight-float vectors (GCC/Clang vector
 // extensions, as in gcn.cpp), the softmax's exponentials included, compiled for AVX2 + FMA and for
 // the baseline ISA.
-// exp(x) for x <= 0 (a score minus its row's maximum), within 2 ulp: x = n ln2 + r with |r| <= ln2 / 2,
-// exp(r) by the Cephes polynomial, 2^n put into the exponent bits. Below -87 (where exp underflows
-// fp32's normal range) the result is exp(-87) ~ 1.6e-38, not 0: nothing next to a row sum >= 1.
-// Example: x = -ln2 gives n = -1, r = 0, exp(r) = 1, so 0.5 exactly. In place.
-__attribute__((always_inline)) inline void exp_nonpositive(vec8& x) {
-  const vec8 lo = vec8{} - 87.0f;
-  x = x < lo ? lo : x;
-  const ivec8 n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, ivec8);  // round to nearest, x <= 0
-  const vec8 nf = __builtin_convertvector(n, vec8);
-  const vec8 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;  // ln2 split in two for an exact first product
-  vec8 y = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  ivec8 bits;
-  std::memcpy(&bits, &y, sizeof(y));
-  bits += n << 23;
-  std::memcpy(&x, &bits, sizeof(x));
-}
-
 __attribute__((always_inline)) inline void attend_head_f32_impl(const Attend& p, const float* __restrict__ q,
                                                                 const float* __restrict__ k,
                                                                 const float* __restrict__ v, float* __restrict__ o,

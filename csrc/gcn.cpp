@@ -234,6 +234,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gcn_fp32(const at::Tensor& xc, co
 }
 
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gcn_cpu(const at::Tensor& x, const std::optional<at::Tensor>& adj,
                                                        const at::Tensor& w1, const at::Tensor& b1,
                                                        const at::Tensor& w2, const at::Tensor& b2,
@@ -253,7 +255,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gcn_cpu(const at::Tensor& x, cons
   return {out.view({B, N, D}), h1.view({B, N, w1.size(1)}), h2.view({B, N, w2.size(1)})};
 }
 
-}  // namespace
 }  // namespace lifeiqa_fast
 
 TORCH_LIBRARY_IMPL(lifeiqa_fast, CPU, m) { m.impl("gcn", &lifeiqa_fast::gcn_cpu); }

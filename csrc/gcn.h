@@ -1,6 +1,8 @@
 // The contract of lifeiqa_fast::gcn, checked by every backend before it launches.
 #pragma once
 
+#include <tuple>
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
@@ -45,5 +47,11 @@ inline void check_gcn_input(const at::Tensor& x, const std::optional<at::Tensor>
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "lifeiqa_fast.gcn: x must be a floating tensor, got ",
               x.scalar_type());
 }
+
+// The CPU kernel (csrc/gcn.cpp), for the decoder's fused layers (csrc/attend_memory.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gcn_cpu(const at::Tensor& x, const std::optional<at::Tensor>& adj,
+                                                       const at::Tensor& w1, const at::Tensor& b1,
+                                                       const at::Tensor& w2, const at::Tensor& b2,
+                                                       const at::Tensor& w3, const at::Tensor& b3);
 
 }  // namespace lifeiqa_fast

@@ -55,6 +55,15 @@ TORCH_LIBRARY(lifeiqa_fast, m) {
   m.def("cross_attention_backward(Tensor grad, Tensor x, Tensor kv, Tensor norm_weight, Tensor norm_bias, "
         "Tensor q_weight, Tensor out_weight, Tensor q, Tensor o, Tensor lse, Tensor stats, int num_heads)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // x: (B, Nq, D), memory: (B, Nk, D), norm_weight, norm_bias, out_bias (D,), in_proj_weight (3D, D) and
+  // in_proj_bias (3D,) packed q, k, v, out_weight (D, D), all contiguous. Returns x + out_proj(MHA(
+  // LayerNorm(x), memory, memory)), the keys and values never formed. Forward only, CPU, fp32 and bf16.
+  m.def("attend_memory(Tensor x, Tensor memory, Tensor norm_weight, Tensor norm_bias, Tensor in_proj_weight, "
+        "Tensor in_proj_bias, Tensor out_weight, Tensor out_bias, int num_heads, float eps) -> Tensor");
+  // The decoder's layers in turn, x = attend_memory(gcn(x, adj[l], w1..b3), memory, norm_weight..out_bias)
+  // for layer l, one adj per layer and 12 weights per layer in that order. Forward only, CPU.
+  m.def("decoder_memory(Tensor x, Tensor memory, Tensor?[] adj, Tensor[] weights, int num_heads, float eps)"
+        " -> Tensor");
   // x: (T, D); router (E, D), (E,); experts stacked as nn.Linear stores them: w1 (E, F, D), b1 (E, F),
   // w2 (E, D, F), b2 (E, D); dropout_mask None or (T, top_k, F), multiplied into the hidden layer.
   // dense: run every expert on every token (gates zero where not chosen) instead of grouping the

@@ -21,8 +21,8 @@
 #include <torch/library.h>
 
 #include "cpu.h"
+#include "few_rows.h"
 #include "moe.h"
-#include "vec8.h"
 
 namespace lifeiqa_fast {
 namespace {
@@ -44,78 +44,30 @@ Groups group_by_expert(const at::Tensor& indices, int64_t E) {
   return g;
 }
 
-// An expert chosen by at most this many tokens runs its layers as small_linear (fp32): a handful of
-// rows is a matrix-vector product per row, bound by reading the weights, which BLAS GEMMs stream at
-// about half the speed (one image's 6 tokens give each chosen expert one to six rows; measured on a
-// 2-core x86 CPU, MKL's (6, 384) x (384, 1536) takes 2.3x the time of reading the weight once).
-constexpr int64_t kSmallRows = 8;
+// An expert chosen by at most kFewRows tokens runs its layers as few_rows_linear (fp32): a handful of
+// rows is bound by reading the weights, which BLAS GEMMs stream at about half the speed (one image's 6
+// tokens give each chosen expert one to six rows).
 // With more than this many rows per expert on average, the experts are dealt to the threads (each
 // expert's GEMMs on one thread); with fewer, one expert after another, its layers split over the threads.
 constexpr int64_t kThreadPerExpertRows = 4;
 
-// y (R, N) = x (R, K) W^T + b for outputs [begin, end), W (N, K) row-major: each weight row is read
-// once, for all R rows, into R vector accumulators.
-template <int R>
-__attribute__((always_inline)) inline void small_linear_rows(const float* __restrict__ x, int64_t K,
-                                                             const float* __restrict__ W, const float* __restrict__ b,
-                                                             int64_t begin, int64_t end, int64_t N,
-                                                             float* __restrict__ y) {
-  for (int64_t o = begin; o < end; ++o) {
-    const float* __restrict__ w = W + o * K;
-    vec8 acc[R], wv, xv;
-    for (int r = 0; r < R; ++r) acc[r] = vec8{};
-    int64_t c = 0;
-    for (; c + 8 <= K; c += 8) {
-      load8(wv, w + c);
-      for (int r = 0; r < R; ++r) {
-        load8(xv, x + r * K + c);
-        acc[r] += xv * wv;
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      float sum = sum8(acc[r]);
-      for (int64_t cc = c; cc < K; ++cc) sum += x[r * K + cc] * w[cc];
-      y[r * N + o] = sum + b[o];
-    }
-  }
+// y (rows, N) = x (rows, K) W^T + b for outputs [begin, end).
+template <typename T>
+LIFEIQA_CPU_INLINE void expert_rows_impl(const float* x, int64_t rows, int64_t K, const float* W, const float* b,
+                                         int64_t begin, int64_t end, int64_t N, float* y) {
+  few_rows_linear<float>(rows, x, K, K, W + begin * K, b + begin, end - begin, y + begin, N);
 }
+LIFEIQA_CPU_DISPATCH(expert_rows)
 
-__attribute__((always_inline)) inline void small_linear_impl(const float* x, int64_t rows, int64_t K, const float* W,
-                                                             const float* b, int64_t begin, int64_t end, int64_t N,
-                                                             float* y) {
-  static_assert(kSmallRows == 8, "one case per row count");
-  switch (rows) {
-    case 1: return small_linear_rows<1>(x, K, W, b, begin, end, N, y);
-    case 2: return small_linear_rows<2>(x, K, W, b, begin, end, N, y);
-    case 3: return small_linear_rows<3>(x, K, W, b, begin, end, N, y);
-    case 4: return small_linear_rows<4>(x, K, W, b, begin, end, N, y);
-    case 5: return small_linear_rows<5>(x, K, W, b, begin, end, N, y);
-    case 6: return small_linear_rows<6>(x, K, W, b, begin, end, N, y);
-    case 7: return small_linear_rows<7>(x, K, W, b, begin, end, N, y);
-    default: return small_linear_rows<8>(x, K, W, b, begin, end, N, y);
-  }
-}
-
-__attribute__((target("avx2,fma"))) void small_linear_avx2(const float* x, int64_t rows, int64_t K, const float* W,
-                                                           const float* b, int64_t begin, int64_t end, int64_t N,
-                                                           float* y) {
-  small_linear_impl(x, rows, K, W, b, begin, end, N, y);
-}
-void small_linear_baseline(const float* x, int64_t rows, int64_t K, const float* W, const float* b, int64_t begin,
-                           int64_t end, int64_t N, float* y) {
-  small_linear_impl(x, rows, K, W, b, begin, end, N, y);
-}
-
-// x (rows, K) W^T + b as a new (rows, N) tensor: small_linear for a few fp32 rows, else BLAS.
+// x (rows, K) W^T + b as a new (rows, N) tensor: few_rows_linear for a few fp32 rows, else BLAS.
 at::Tensor expert_linear(const at::Tensor& x, const at::Tensor& W, const at::Tensor& b) {
   const int64_t rows = x.size(0), K = x.size(1), N = W.size(0);
-  if (x.scalar_type() != at::kFloat || rows > kSmallRows) return b.addmm(x, W.t());
-  const bool avx2 = cpu_has_avx2_fma();
+  if (x.scalar_type() != at::kFloat || rows > kFewRows) return b.addmm(x, W.t());
   at::Tensor y = at::empty({rows, N}, x.options());
   const float *xp = x.const_data_ptr<float>(), *wp = W.const_data_ptr<float>(), *bp = b.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
   at::parallel_for(0, N, std::max<int64_t>(1, kMinElementsPerTask / K), [&](int64_t begin, int64_t end) {
-    (avx2 ? small_linear_avx2 : small_linear_baseline)(xp, rows, K, wp, bp, begin, end, N, yp);
+    expert_rows<float>(xp, rows, K, wp, bp, begin, end, N, yp);
   });
   return y;
 }
@@ -175,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     scalar_t* yp = expert_out.mutable_data_ptr<scalar_t>();
     // Experts with many rows: the experts dealt to the threads, each expert's GEMMs on one thread
     // (faster than splitting every expert's small GEMMs over the threads). With a few rows each: one
-    // expert after another, small_linear splitting each weight matrix over the threads.
+    // expert after another, few_rows_linear splitting each weight matrix over the threads.
     const bool per_expert = T * k > E * kThreadPerExpertRows;
     const std::vector<std::vector<int64_t>> bins = deal(groups, per_expert ? at::get_num_threads() : 1);
     at::parallel_for(0, static_cast<int64_t>(bins.size()), 1, [&](int64_t bin_begin, int64_t bin_end) {

@@ -16,7 +16,9 @@ from torch import Tensor, nn
 
 from . import reference
 from .ops import attend_memory, cross_attention, gcn, grid_pool, moe
-from .ops._impl import _check_impl, get_default_impl, is_int, linear
+from .ops._impl import _check_impl, get_default_impl, is_int, linear, resolve
+from .ops.cross_attention import native_attend_pays
+from .ops.gcn import MAX_TOKENS as GCN_MAX_TOKENS
 
 
 def _built_once(owner: nn.Module, params: list[Tensor], build):
@@ -94,9 +96,11 @@ class DecoderLayer(nn.Module):
                 impl=self.impl)
         attn, norm = self.multihead_attn, self.norm2
         if kv is None:
-            attend = reference.mha_ref if _is_reference(self.impl) else attend_memory
-            return attend(x, memory, norm.weight, norm.bias, attn.in_proj_weight, attn.in_proj_bias,
-                          attn.out_proj.weight, attn.out_proj.bias, attn.num_heads, norm.eps)
+            # attend_memory has a native kernel on CPU only; impl="triton" or "native" elsewhere take composite
+            impl = self.impl if self.impl in (None, "auto", "reference", "composite") or memory.is_cpu and \
+                self.impl == "native" else "composite"
+            return attend_memory(x, memory, norm.weight, norm.bias, attn.in_proj_weight, attn.in_proj_bias,
+                                 attn.out_proj.weight, attn.out_proj.bias, attn.num_heads, norm.eps, impl=impl)
         D = attn.embed_dim  # the q rows of in_proj: a view, so gradients reach the packed parameter
         return cross_attention(x, kv, norm.weight, norm.bias, attn.in_proj_weight[:D], attn.in_proj_bias[:D],
                                attn.out_proj.weight, out_bias, attn.num_heads, norm.eps, impl=self.impl)
@@ -144,6 +148,10 @@ class Decoder(nn.Module):
 
     def forward(self, x: Tensor, memory: Tensor) -> Tensor:
         strategy = self.strategy or DECODER_STRATEGY.get(memory.device.type, "kv")
+        if strategy == "memory":
+            stack = self._native_stack(x, memory)
+            if stack is not None:
+                return torch.ops.lifeiqa_fast.decoder_memory(x.contiguous(), memory.contiguous(), *stack)
         if _is_reference(self.impl) or strategy == "memory":
             for layer in self.layers:
                 x = layer(x, memory)
@@ -154,6 +162,34 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, memory, kv[:, :, i], out_biases[i])
         return x
+
+    def _native_stack(self, x: Tensor, memory: Tensor) -> tuple | None:
+        """The arguments after x and memory of the native decoder_memory op (gcn's and attend_memory's CPU
+        kernels layer after layer in one call, csrc/attend_memory.cpp), where the "memory" strategy takes
+        it: where attend_memory would run its native kernel with impl="auto" (CPU, fp32 or bf16, few rows,
+        no gradient recorded), every layer alike, and the GCN's kernel holds the query tokens; else None.
+
+        Called once per forward at a few rows, so it reads the parameters from the modules' dictionaries
+        (about 50 of them: nn.Module attribute lookups would cost more than a layer's kernels)."""
+        if (self.impl if self.impl is not None else get_default_impl()) not in ("auto", "native"):
+            return None
+        if memory.device.type != "cpu" or x.dim() != 3 or x.shape[1] > GCN_MAX_TOKENS or x.dtype != memory.dtype:
+            return None
+        adj, params, heads = [], [], set()
+        for layer in self.layers._modules.values():
+            parts = layer._modules
+            attn, gcns, norm = parts["multihead_attn"], parts["GCN"]._modules, parts["norm2"]
+            g1, g2, g3 = (gcns[name]._parameters for name in ("gcn1", "gcn2", "gcn3"))
+            a, out = attn._parameters, attn._modules["out_proj"]._parameters
+            params += [g1["weight"], g1["bias"], g2["weight"], g2["bias"], g3["weight"], g3["bias"],
+                       norm._parameters["weight"], norm._parameters["bias"], a["in_proj_weight"],
+                       a["in_proj_bias"], out["weight"], out["bias"]]
+            adj.append(layer.adj)  # a parameter, a graph optimize() set, or None
+            heads.add((attn.num_heads, norm.eps))
+        if len(heads) != 1 or resolve("attend_memory", x, self.impl) != "native" or \
+                not native_attend_pays(x, params + [p for p in adj if p is not None]):
+            return None
+        return (adj, params, *heads.pop())
 
     def folded(self) -> tuple[Tensor, tuple[Tensor, ...]]:
         """(all layers' k and v rows of in_proj stacked (L * 2D, D), each layer's out_proj bias plus

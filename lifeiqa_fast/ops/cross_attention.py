@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import _ext
-from ..reference import cross_attention_ref
+from ..reference import cross_attention_ref, mha_ref
 from ..triton import cross_attention as _triton
-from ._impl import (acc_dtype, check_like_x, check_tensors, first_order_only, is_int, linear, resolve,
-                    within_limits)
+from ._impl import (acc_dtype, check_like_x, check_tensors, first_order_only, get_default_impl, is_int, linear,
+                    resolve, within_limits)
 
 MAX_QUERIES = 64  # csrc/cross_attention.h, kAttnMaxQueries
 MAX_HEAD_DIM = 128  # csrc/cross_attention.h, kAttnMaxHeadDim
@@ -55,7 +56,7 @@ def cross_attention(x: Tensor, kv: Tensor, norm_weight: Tensor, norm_bias: Tenso
 
 def attend_memory(x: Tensor, memory: Tensor, norm_weight: Tensor, norm_bias: Tensor, in_proj_weight: Tensor,
                   in_proj_bias: Tensor, out_weight: Tensor, out_bias: Tensor, num_heads: int,
-                  eps: float = 1e-5) -> Tensor:
+                  eps: float = 1e-5, impl: str | None = None) -> Tensor:
     """One official decoder layer's attention, x + MHA(LayerNorm(x), memory, memory) (reference.mha_ref,
     the same arguments), with the keys and values never formed: the queries go to the memory instead.
 
@@ -63,13 +64,53 @@ def attend_memory(x: Tensor, memory: Tensor, norm_weight: Tensor, norm_bias: Ten
     cancels in the softmax; P_h V_h = (P_h M) W_v,h^T + b_v,h, the rows of P_h summing to 1. So the
     layer costs 4 Nq D^2 + 2 H Nq Nk D multiply-adds per image where the module's costs 2 (Nq + Nk) D^2
     + 2 Nq Nk D (Life-IQA: 4.9 M instead of 16.4 M, 14.5 M of which project the keys and values).
-    Composite ATen ops (batched GEMMs; the scores and the softmax in fp32 for half types), differentiable
-    by autograd, to any order.
     x: (B, Nq, D); memory: (B, Nk, D), Nk >= 1; in_proj_weight (3D, D), in_proj_bias (3D,) packed q, k, v;
     out_weight (D, D); out_bias, norm_weight, norm_bias (D,); all of x's dtype and device.
+
+    impl: "composite", ATen ops (batched GEMMs; the scores and the softmax in fp32 for half types),
+    differentiable by autograd to any order; "native", the CPU kernel (csrc/attend_memory.cpp: each
+    weight streamed once per image, fp32 and bf16), its backward the composite path's, once; "reference",
+    reference.mha_ref; "auto" (None: the process-wide default) the native kernel on CPU for at most
+    NATIVE_MAX_ROWS query rows in all (B * Nq) with no gradient recorded, where it is faster, else composite.
     """
     _check_memory_args(x, memory, norm_weight, norm_bias, in_proj_weight, in_proj_bias, out_weight, out_bias,
                        num_heads, eps)
+    args = (x, memory, norm_weight, norm_bias, in_proj_weight, in_proj_bias, out_weight, out_bias)
+    which = within_limits("attend_memory", resolve("attend_memory", x, impl), impl, _beyond_native(x))
+    if which == "reference":
+        return mha_ref(*args, num_heads, eps)
+    if which == "native" and (impl if impl is not None else get_default_impl()) == "auto" and \
+            not native_attend_pays(x, args):
+        which = "composite"
+    if which == "native":
+        return torch.ops.lifeiqa_fast.attend_memory(*(t.contiguous() for t in args), num_heads, float(eps))
+    return _attend_memory_composite(*args, num_heads, eps)
+
+
+def _beyond_native(x: Tensor) -> str | None:
+    """How x exceeds the native kernel (fp32 and bf16 only), or None."""
+    if x.dtype in (torch.float32, torch.bfloat16):
+        return None
+    return f"the native attend_memory kernel takes float32 and bfloat16, got {x.dtype}"
+
+
+# "auto" takes the native kernel for at most this many query rows in all (B * Nq): it reads every weight
+# once per image, where the composite path's batched GEMMs read them once per call. Measured with
+# benchmarks/run.py (decoder rows at batch 1 and 32, benchmarks/results/).
+NATIVE_MAX_ROWS = 48
+
+
+def native_attend_pays(x: Tensor, tensors) -> bool:
+    """Whether "auto" runs attend_memory's native kernel on x: fp32 or bf16, few rows (a plain count, not a
+    symbolic one) and no gradient recorded for x or tensors (its backward recomputes the composite forward)."""
+    if _beyond_native(x) is not None or torch.is_grad_enabled() and (x.requires_grad or
+                                                                        any(t.requires_grad for t in tensors)):
+        return False
+    return statically_known_true(x.shape[0] * x.shape[1] <= NATIVE_MAX_ROWS)
+
+
+def _attend_memory_composite(x, memory, norm_weight, norm_bias, in_proj_weight, in_proj_bias, out_weight, out_bias,
+                             num_heads, eps) -> Tensor:
     B, Nq, D = x.shape
     Nk, H = memory.shape[1], num_heads
     hd = D // H
@@ -250,3 +291,34 @@ _register(cross_attention_triton, _backward)
 if _ext.LOADED:
     _register(torch.ops.lifeiqa_fast.cross_attention.default, _native_backward)
     torch.library.register_fake("lifeiqa_fast::cross_attention_backward")(_fake_backward)
+
+
+def _memory_setup_context(ctx, inputs, output):
+    *tensors, num_heads, eps = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.num_heads, ctx.eps = num_heads, eps
+
+
+def _memory_backward(ctx, grad):
+    """The native attend_memory's backward: the composite forward recomputed and differentiated, once
+    (first_order_only)."""
+    needs = ctx.needs_input_grad[:8]
+
+    def gradients(grad, *tensors):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(n) for t, n in zip(tensors, needs)]
+            out = _attend_memory_composite(*leaves, ctx.num_heads, ctx.eps)
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad))
+        return tuple(next(grads) if n else None for n in needs)
+
+    grads = first_order_only("attend_memory", gradients, grad, *ctx.saved_tensors,
+                             instead="lifeiqa_fast.ops.attend_memory(impl='composite')")
+    return (*grads, None, None)
+
+
+if _ext.LOADED:
+    torch.library.register_fake("lifeiqa_fast::attend_memory")(lambda x, *_: torch.empty_like(x))
+    torch.library.register_fake("lifeiqa_fast::decoder_memory")(lambda x, *_: torch.empty_like(x))
+    torch.library.register_autograd("lifeiqa_fast::attend_memory", _memory_backward,
+                                    setup_context=_memory_setup_context)

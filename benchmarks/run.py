@@ -70,6 +70,20 @@ def _cross_attention_flop(x, kv, *_):
     return 4 * B * Nq * D * D + 4 * B * Nq * kv.shape[1] * D
 
 
+def _attend_memory_flop(x, memory, norm_weight, norm_bias, in_proj_weight, in_proj_bias, out_weight, out_bias,
+                        num_heads, *_):
+    # per query row: the q, q W_k, W_v and out products (D x D each) and per head the scores and P M (Nk x D)
+    B, Nq, D = x.shape
+    return 2 * B * Nq * (4 * D * D + 2 * num_heads * memory.shape[1] * D)
+
+
+def _decoder_memory_flop(x, memory, adj, weights, num_heads, *_):
+    # each layer's gcn then attend_memory (12 weights per layer: csrc/library.cpp)
+    return sum(_gcn_flop(x, adj[layer], *weights[12 * layer:12 * layer + 6])
+               + _attend_memory_flop(x, memory, *weights[12 * layer + 6:12 * layer + 12], num_heads)
+               for layer in range(len(adj)))
+
+
 def _moe_flop(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask=None, dense=False, *_):
     # the router, then each token through its top_k experts (every expert when dense): two products each
     T, D = x.shape
@@ -89,6 +103,7 @@ OUR_OP_FLOP = {
     "cross_attention": _cross_attention_flop, "cross_attention_triton": _cross_attention_flop,
     "cross_attention_backward": lambda grad, x, kv, *_: 2 * _cross_attention_flop(x, kv) + 4 * x.shape[0] * x.shape[1]
     * kv.shape[1] * x.shape[2],
+    "attend_memory": _attend_memory_flop, "decoder_memory": _decoder_memory_flop,
     "moe": _moe_flop, "moe_triton": _moe_flop,
     "moe_backward": lambda grad, grad_aux, grad_z, x, router_weight, w1, w2, dropout_mask, logits, indices, *_: 2
     * _moe_flop(x, router_weight, None, w1, None, w2, None, indices.shape[-1]),

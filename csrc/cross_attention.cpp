@@ -4,7 +4,7 @@
 // The two projections are GEMMs over all B * Nq query rows (one BLAS call each, where the module runs
 // them per layer on a (Nq, B, D) view); the LayerNorm and the attention are hand-written loops:
 // LayerNorm one pass per row with its statistics kept for the backward, attention one task per
-// (image, head) that reads each key and value once for all query rows, softmax in fp32 (in fp32 with
+// (image, head) that reads each key and value once for all query rows, softmax in fp32 (in fp32 and bf16 with
 // head_dim a multiple of 8, on eight-float vectors, exponentials included).
 #include <algorithm>
 #include <cmath>
@@ -24,7 +24,7 @@
 
 #include "cpu.h"
 #include "cross_attention.h"
-#include "vec8.h"
+#include "few_rows.h"
 
 namespace lifeiqa_fast {
 namespace {
@@ -122,19 +122,18 @@ LIFEIQA_CPU_INLINE void attend_head_impl(const Attend& p, const scalar_t* __rest
 }
 LIFEIQA_CPU_DISPATCH(attend_head)
 
-// fp32 with head_dim a multiple of 8: the same task on eight-float vectors (GCC/Clang vector
-// extensions, as in gcn.cpp), the softmax's exponentials included, compiled for AVX2 + FMA and for
-// the baseline ISA.
-__attribute__((always_inline)) inline void attend_head_f32_impl(const Attend& p, const float* __restrict__ q,
-                                                                const float* __restrict__ k,
-                                                                const float* __restrict__ v, float* __restrict__ o,
-                                                                float* __restrict__ lse, float* __restrict__ buf) {
+// fp32 and bf16 with head_dim a multiple of 8: the same task on eight-float vectors (GCC/Clang vector
+// extensions, as in gcn.cpp; bf16 widened as it is loaded), the softmax's exponentials included.
+template <typename T>
+LIFEIQA_CPU_INLINE void attend_head_vec_impl(const Attend& p, const T* __restrict__ q, const T* __restrict__ k,
+                                             const T* __restrict__ v, T* __restrict__ o, float* __restrict__ lse,
+                                             float* __restrict__ buf) {
   const int64_t Nq = p.Nq, Nk = p.Nk, hd = p.hd;
   float* __restrict__ s = buf;            // (Nq, Nk)
   float* __restrict__ acc = s + Nq * Nk;  // (Nq, hd)
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   for (int64_t j = 0; j < Nk; ++j) {
-    const float* __restrict__ kj = k + j * p.kv_n;
+    const T* __restrict__ kj = k + j * p.kv_n;
     for (int64_t i = 0; i < Nq; ++i) {
       vec8 dot = vec8{}, a, b;
       for (int64_t c = 0; c < hd; c += 8) {
@@ -166,7 +165,7 @@ __attribute__((always_inline)) inline void attend_head_f32_impl(const Attend& p,
   }
   std::fill(acc, acc + Nq * hd, 0.0f);
   for (int64_t j = 0; j < Nk; ++j) {
-    const float* __restrict__ vj = v + j * p.kv_n;
+    const T* __restrict__ vj = v + j * p.kv_n;
     for (int64_t i = 0; i < Nq; ++i) {
       const float pij = s[i * Nk + j];
       vec8 a, b;
@@ -178,27 +177,17 @@ __attribute__((always_inline)) inline void attend_head_f32_impl(const Attend& p,
       }
     }
   }
-  for (int64_t i = 0; i < Nq; ++i) std::memcpy(o + i * p.D, acc + i * hd, hd * sizeof(float));
+  for (int64_t i = 0; i < Nq; ++i)
+    for (int64_t c = 0; c < hd; ++c) o[i * p.D + c] = static_cast<T>(acc[i * hd + c]);
 }
+LIFEIQA_CPU_DISPATCH(attend_head_vec)
 
-__attribute__((target("avx2,fma"))) void attend_head_f32_avx2(const Attend& p, const float* q, const float* k,
-                                                              const float* v, float* o, float* lse, float* buf) {
-  attend_head_f32_impl(p, q, k, v, o, lse, buf);
-}
-void attend_head_f32_baseline(const Attend& p, const float* q, const float* k, const float* v, float* o, float* lse,
-                              float* buf) {
-  attend_head_f32_impl(p, q, k, v, o, lse, buf);
-}
-
-// One (image, head) task of any dtype: the vector path for fp32 when head_dim is a multiple of 8.
+// One (image, head) task of any dtype: the vector path for fp32 and bf16 when head_dim is a multiple of 8.
 template <typename scalar_t>
 void attend(const Attend& p, const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* o,
             acc_type<scalar_t>* lse, acc_type<scalar_t>* buf) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    const bool avx2 = cpu_has_avx2_fma();
-    if (p.hd % 8 == 0) {
-      return avx2 ? attend_head_f32_avx2(p, q, k, v, o, lse, buf) : attend_head_f32_baseline(p, q, k, v, o, lse, buf);
-    }
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>) {
+    if (p.hd % 8 == 0) return attend_head_vec<scalar_t>(p, q, k, v, o, lse, buf);
   }
   attend_head<scalar_t>(p, q, k, v, o, lse, buf);
 }

@@ -96,11 +96,14 @@ class DecoderLayer(nn.Module):
                 impl=self.impl)
         attn, norm = self.multihead_attn, self.norm2
         if kv is None:
-            # attend_memory has a native kernel on CPU only; impl="triton" or "native" elsewhere take composite
-            impl = self.impl if self.impl in (None, "auto", "reference", "composite") or memory.is_cpu and \
-                self.impl == "native" else "composite"
-            return attend_memory(x, memory, norm.weight, norm.bias, attn.in_proj_weight, attn.in_proj_bias,
-                                 attn.out_proj.weight, attn.out_proj.bias, attn.num_heads, norm.eps, impl=impl)
+            args = (x, memory, norm.weight, norm.bias, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight,
+                    attn.out_proj.bias, attn.num_heads, norm.eps)
+            if _is_reference(self.impl):  # the authors' module call, op by op under autocast
+                return reference.mha_ref(*args)
+            # attend_memory has a native kernel on CPU only: impl="triton", or "native" elsewhere, take composite
+            impl = self.impl if self.impl in (None, "auto", "composite") or memory.is_cpu and self.impl == "native" \
+                else "composite"
+            return attend_memory(*args, impl=impl)
         D = attn.embed_dim  # the q rows of in_proj: a view, so gradients reach the packed parameter
         return cross_attention(x, kv, norm.weight, norm.bias, attn.in_proj_weight[:D], attn.in_proj_bias[:D],
                                attn.out_proj.weight, out_bias, attn.num_heads, norm.eps, impl=self.impl)

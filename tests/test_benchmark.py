@@ -142,3 +142,21 @@ def test_our_ops_flop_formulas_match_the_aten_count(bench, op, ours, theirs):
         assert count(ours) == pytest.approx(count(theirs), rel=0.05)
     else:  # (B, Nq, D) = (8, 6, 384), 49 keys: 2 (D x D) projections and 2 (Nq x Nk x D) products per image
         assert count(ours) == 8 * (2 * 2 * 6 * 384 * 384 + 2 * 2 * 6 * 49 * 384)
+
+
+def test_decoder_memory_flop_formula_matches_the_aten_count(bench):
+    """The native decoder stack (decoder_memory, taken without autograd) is counted as its layers'
+    composite path counts under autograd: attend_memory's batched GEMMs as torch counts them, the same
+    gcn op."""
+    case, cpu = bench.CASES["decoder"], torch.device("cpu")
+    inputs = case.make_inputs(2, torch.float32, cpu)
+    fn, _ = case.build("native-memory", cpu, torch.float32)
+    counts = []
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), torch.profiler.profile() as prof, bench.FlopCount() as counter:
+            fn(*inputs)
+        ran = {e.key for e in prof.key_averages()}
+        assert ("lifeiqa_fast::decoder_memory" in ran) != grad, "one count through the stack op, one without it"
+        counts.append(counter.total)
+    assert counts[0] == pytest.approx(counts[1], rel=1e-6)
+

@@ -190,8 +190,7 @@ def test_double_backward_alternatives():
         _, want = _first_then_second_order(lambda *a: mha_ref(*a, H), leaves)
         _, reference = _first_then_second_order(via_kv, leaves)
     _, fused = _first_then_second_order(lambda *a: ops.attend_memory(*a, H), leaves)
-    names = ["x", "memory", "norm_weight", "norm_bias", "in_proj_weight", "in_proj_bias", "out_weight", "out_bias"]
-    for name, w, r, f in zip(names, want, reference, fused):
+    for name, w, r, f in zip(MEMORY_NAMES, want, reference, fused):
         torch.testing.assert_close(r, w, rtol=1e-10, atol=1e-10, msg=f"reference: second derivative {name}")
         torch.testing.assert_close(f, w, rtol=1e-10, atol=1e-10, msg=f"attend_memory: second derivative {name}")
 
@@ -263,9 +262,15 @@ def test_native_op_checks_its_contract():
                                                *params[3:], 2, 1e-5)
 
 
-def _attend_memory_case(case, dtype, scale=1.0):
-    """(generator, leaves in dtype, the same in float64, (attend_memory, mha_ref and the float64 truth's
-    outputs)) for case (B, Nq, Nk, D, H); memory and in_proj's weights scaled by scale."""
+# attend_memory's implementations on CPU: its composite ATen path and its native kernel (both ISA builds)
+ATTEND_IMPLS = [p for p in impl_params("attend_memory", composite=True)
+                if p.values[0] in (("composite", "cpu"), ("native", "cpu"))]
+MEMORY_NAMES = ["x", "memory", "norm_weight", "norm_bias", "in_proj_weight", "in_proj_bias", "out_weight", "out_bias"]
+
+
+def _attend_memory_case(case, dtype, scale=1.0, impl="composite"):
+    """(generator, leaves in dtype, the same in float64, (attend_memory with impl, mha_ref and the float64
+    truth's outputs)) for case (B, Nq, Nk, D, H); memory and in_proj's weights scaled by scale."""
     B, Nq, Nk, D, H = case
     gen = torch.Generator().manual_seed(0)
     rnd = lambda *shape, s=1.0: (s * torch.randn(*shape, generator=gen, dtype=torch.float64))  # noqa: E731
@@ -274,23 +279,66 @@ def _attend_memory_case(case, dtype, scale=1.0):
     leaves = [t.to(dtype).requires_grad_() for t in leaves64]
     for t in leaves64:
         t.requires_grad_()
-    outs = [fn(*args, H) for fn, args in ((ops.attend_memory, leaves), (mha_ref, leaves), (mha_ref, leaves64))]
+    outs = [ops.attend_memory(*leaves, H, impl=impl), mha_ref(*leaves, H), mha_ref(*leaves64, H)]
     return gen, leaves, leaves64, outs
 
 
+@pytest.mark.parametrize("impl_device", ATTEND_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("case", [(2, 6, 49, 384, 6), (3, 1, 1, 64, 2), (2, 7, 50, 100, 4), (0, 6, 49, 64, 2)],
-                         ids=["life-iqa", "Nq1-Nk1", "D100-hd25", "empty-batch"])
-def test_attend_memory_equals_the_official_layer(case, dtype):
+@pytest.mark.parametrize("case", [(2, 6, 49, 384, 6), (3, 1, 1, 64, 2), (2, 7, 50, 100, 4), (1, 19, 9, 20, 4),
+                                  (0, 6, 49, 64, 2)],
+                         ids=["life-iqa", "Nq1-Nk1", "D100-hd25", "Nq19-D20", "empty-batch"])
+def test_attend_memory_equals_the_official_layer(impl_device, case, dtype):
     """ops.attend_memory (queries taken to the memory, keys and values never formed) against mha_ref,
-    the authors' module call, forward and backward, each against the float64 truth."""
-    gen, leaves, leaves64, (out, ref, truth) = _attend_memory_case(case, dtype)
+    the authors' module call, forward and backward, each against the float64 truth. The native kernel
+    (rows in blocks of 8: Nq 19 takes three; D 20 and 100 leave tails past the 8-float vectors) takes
+    fp32 and bf16 and refuses fp64 by name."""
+    impl, _ = impl_device
+    if impl == "native" and dtype == torch.float64:
+        with pytest.raises(ValueError, match="impl='native' cannot run this input: the native attend_memory "
+                                             "kernel takes float32 and bfloat16, got torch.float64"):
+            _attend_memory_case(case, dtype, impl=impl)
+        return
+    gen, leaves, leaves64, (out, ref, truth) = _attend_memory_case(case, dtype, impl=impl)
     tol = TOLERANCE.get(dtype, {"forward": (1e-12, 1e-12, 1.0), "backward": (1e-11, 1e-11, 1.0)})
-    assert_matches_reference(out, ref, truth, tol["forward"], f"attend_memory {dtype} forward")
+    assert_matches_reference(out, ref, truth, tol["forward"], f"attend_memory {impl} {dtype} forward")
     dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-    names = ["x", "memory", "norm_weight", "norm_bias", "in_proj_weight", "in_proj_bias", "out_weight", "out_bias"]
-    assert_gradients_match(names, _grads(out, leaves, dout.to(dtype)), _grads(ref, leaves, dout.to(dtype)),
-                           _grads(truth, leaves64, dout), tol["backward"], f"attend_memory {dtype}")
+    assert_gradients_match(MEMORY_NAMES, _grads(out, leaves, dout.to(dtype)), _grads(ref, leaves, dout.to(dtype)),
+                           _grads(truth, leaves64, dout), tol["backward"], f"attend_memory {impl} {dtype}")
+
+
+def test_attend_memory_auto_takes_the_kernel_at_few_rows_without_autograd():
+    """impl="auto" on CPU: the native kernel for at most NATIVE_MAX_ROWS rows with no gradient recorded
+    (bit for bit its result), else the composite path; the native op's backward is the composite's, once."""
+    from lifeiqa_fast.ops.cross_attention import NATIVE_MAX_ROWS
+
+    Nq = 6
+    for B, want in ((1, "native"), (NATIVE_MAX_ROWS // Nq, "native"), (NATIVE_MAX_ROWS // Nq + 1, "composite")):
+        _, leaves, _, _ = _attend_memory_case((B, Nq, 9, 32, 2), torch.float32)
+        with torch.no_grad():
+            auto, native, composite = (ops.attend_memory(*leaves, 2, impl=i) for i in ("auto", "native", "composite"))
+        assert torch.equal(auto, native if want == "native" else composite), f"B={B}: auto should run {want}"
+        assert not torch.equal(native, composite), "the two paths sum in other orders: the test cannot tell them apart"
+    grad_auto, composite = (ops.attend_memory(*leaves, 2, impl=i) for i in ("auto", "composite"))
+    assert torch.equal(grad_auto, composite), "with a gradient recorded auto runs the composite path"
+    out = ops.attend_memory(*leaves, 2, impl="native")
+    grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"lifeiqa_fast.attend_memory: double backward .* use "
+                                           r"lifeiqa_fast.ops.attend_memory\(impl='composite'\)"):
+        torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
+
+
+def test_attend_memory_kernel_checks_its_input():
+    """The native op called directly names what is wrong (ops.attend_memory checks before it)."""
+    _, leaves, _, _ = _attend_memory_case((2, 6, 9, 32, 2), torch.float32)
+    x, memory, nw, nb, w, b, ow, ob = (t.detach() for t in leaves)
+    op = torch.ops.lifeiqa_fast.attend_memory
+    with pytest.raises(RuntimeError, match=r"in_proj_weight \(3D, D\).* D = 32, got \[32, 32\]"):
+        op(x, memory, nw, nb, w[:32].contiguous(), b, ow, ob, 2, 1e-5)
+    with pytest.raises(RuntimeError, match="the CPU kernel takes float32 and bfloat16, got Double"):
+        op(*(t.double() for t in (x, memory, nw, nb, w, b, ow, ob)), 2, 1e-5)
+    with pytest.raises(RuntimeError, match="num_heads must divide D = 32, got num_heads=3"):
+        op(x, memory, nw, nb, w, b, ow, ob, 3, 1e-5)
 
 
 @pytest.mark.parametrize(
@@ -320,20 +368,20 @@ def test_attend_memory_bad_input_errors(change, message):
         ops.attend_memory(**args)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_attend_memory_large_scores_half(dtype):
+@pytest.mark.parametrize("dtype, impl", [(torch.float16, "composite"), (torch.bfloat16, "composite"),
+                                         (torch.bfloat16, "native")])
+def test_attend_memory_large_scores_half(dtype, impl):
     """in_proj and memory scaled by 30: scores near 1e5, past fp16's 65504, while q, k and the output are
     finite. The module's attention forms them in fp32 and so must attend_memory (fp16 gave all NaN):
     finite, and no further from the float64 truth than twice the module's own error in that dtype,
     forward and backward."""
-    gen, leaves, leaves64, (out, ref, truth) = _attend_memory_case((2, 6, 49, 64, 2), dtype, scale=30.0)
+    gen, leaves, leaves64, (out, ref, truth) = _attend_memory_case((2, 6, 49, 64, 2), dtype, scale=30.0, impl=impl)
     assert bool(out.isfinite().all()), f"attend_memory {dtype}: {int((~out.isfinite()).sum())} non-finite outputs"
     scale = truth.abs().max().item()  # outputs near 4e3: the tolerances are relative to that
     fwd_atol, fwd_rtol, slack = TOLERANCE[dtype]["forward"]
     assert_matches_reference(out, ref, truth, (fwd_atol * scale, fwd_rtol, slack), f"attend_memory {dtype} forward")
     dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-    names = ["x", "memory", "norm_weight", "norm_bias", "in_proj_weight", "in_proj_bias", "out_weight", "out_bias"]
     grads = _grads(out, leaves, dout.to(dtype))
     assert all(bool(g.isfinite().all()) for g in grads), f"attend_memory {dtype}: non-finite gradients"
-    assert_gradients_match(names, grads, _grads(ref, leaves, dout.to(dtype)), _grads(truth, leaves64, dout),
+    assert_gradients_match(MEMORY_NAMES, grads, _grads(ref, leaves, dout.to(dtype)), _grads(truth, leaves64, dout),
                            TOLERANCE[dtype]["backward"], f"attend_memory {dtype}")

@@ -8,7 +8,7 @@ import torch
 
 import lifeiqa_fast
 
-from helpers import impl_params
+from helpers import assert_matches_reference, impl_params
 from lifeiqa_fast.ops._impl import choose
 
 # A small Swin (stage maps 14x14x128 and 7x7x256 at 224) so that model tests run in seconds.
@@ -81,6 +81,37 @@ def test_decoder_strategies_equal_reference(impl_device, strategy):
     (the model tests run on CPU; the ops' own tests cover CUDA)."""
     impl, _ = impl_device
     test_fused_model_equals_reference(dict(num_experts=2, depth=2, adjacency="learnable"), impl, strategy)
+
+
+STACK_IMPLS = [p for p in impl_params("attend_memory") if p.values[0] == ("native", "cpu")]
+
+
+@pytest.mark.parametrize("impl_device", STACK_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("adjacency", ["fixed", "learnable"])
+def test_decoder_memory_stack_in_inference(impl_device, dtype, adjacency):
+    """Scoring without autograd at a few images on CPU, the "memory" decoder runs all its layers as one
+    native decoder_memory call (gcn's and attend_memory's kernels in turn): the reference model's scores
+    at one image and at three, with either graph (in bf16 no further from the fp32 scores than twice the
+    reference's own bf16 error); with autograd recording it does not run."""
+    reference = tiny(impl="reference", depth=2, num_experts=2, adjacency=adjacency).eval()
+    fused = tiny(depth=2, num_experts=2, adjacency=adjacency).eval()
+    fused.load_state_dict(reference.state_dict())
+    fused.bunch_decoder.strategy = "memory"
+    tol = (1e-5, 1e-5, 1.0) if dtype == torch.float32 else (1e-3, 0.0, 2.0)
+    for batch in (1, 3):
+        x = _images(batch)
+        with torch.no_grad():
+            truth = reference(x)[0].double()
+            want = reference.to(dtype)(x.to(dtype))[0]
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                got = fused.to(dtype)(x.to(dtype))[0]
+        reference.float(), fused.float()
+        assert "lifeiqa_fast::decoder_memory" in {e.key for e in prof.key_averages()}, "the stack op did not run"
+        assert_matches_reference(got, want, truth, tol, f"decoder_memory {dtype} batch {batch}")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fused(x)[0].sum().backward()
+    assert "lifeiqa_fast::decoder_memory" not in {e.key for e in prof.key_averages()}
 
 
 def test_bad_decoder_strategy():

@@ -37,6 +37,9 @@ LIFEIQA_CPU_INLINE void few_rows_linear_block(const float* __restrict__ x, int64
     for (int r = 0; r < R; ++r) acc[u][r] = vec8{};
   int64_t c = 0;
   for (; c + 8 <= K; c += 8) {
+    // the same columns of the next pass's rows, one pass (~K / 8 iterations) ahead of their use
+    if (c % (64 / sizeof(T)) == 0)
+      for (int u = 0; u < U; ++u) __builtin_prefetch(W + (o + U + u) * K + c);
     for (int u = 0; u < U; ++u) load8(wv[u], W + (o + u) * K + c);
     for (int r = 0; r < R; ++r) {
       load8(xv, x + r * ldx + c);
@@ -79,6 +82,8 @@ LIFEIQA_CPU_INLINE void few_rows_matmul_block(const float* __restrict__ a, int64
   for (int u = 0; u < U; ++u)
     for (int r = 0; r < R; ++r) acc[u][r] = vec8{};
   for (int64_t j = 0; j < J; ++j) {
+    // B's rows are read a few columns at a time: the columns two passes ahead, ahead of their use
+    __builtin_prefetch(B + j * ldb + c + 16 * U);
     for (int u = 0; u < U; ++u) load8(v[u], B + j * ldb + c + 8 * u);
     for (int r = 0; r < R; ++r) {
       const float arj = a[r * lda + j];

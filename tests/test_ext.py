@@ -80,6 +80,26 @@ def test_auto_on_cpu_is_native():
     assert _impl.choose("grid_pool", "cpu", "auto") == ("native", "C++ CPU kernel")
 
 
+def test_auto_gives_way_to_the_reference_where_this_cpu_measured_it_faster(monkeypatch):
+    """CPU_REFERENCE_FROM, per CPU capability: from its row count on, "auto" runs the reference instead
+    of the native kernel (bit for bit the reference's result); below it, and with impl="native", the
+    kernel."""
+    from lifeiqa_fast.ops import moe
+
+    assert _impl.cpu_capability() in ("amx", "avx512_bf16", "avx512", "avx2", "baseline")
+    monkeypatch.setitem(_impl.CPU_REFERENCE_FROM, _impl.cpu_capability(), {("moe", torch.float32): 4})
+    gen = torch.Generator().manual_seed(0)
+    E, D, F = 4, 40, 48  # enough terms that the two summation orders differ
+    weights = [torch.randn(*shape, generator=gen) for shape in ((E, D), (E,), (E, F, D), (E, F), (E, D, F), (E, D))]
+    for tokens, want in ((3, "native"), (4, "reference")):
+        x = torch.randn(tokens, D, generator=gen)
+        auto = moe(x, *weights, top_k=2)[0]
+        assert torch.equal(auto, moe(x, *weights, top_k=2, impl=want)[0]), f"{tokens} tokens: auto should run {want}"
+        assert not torch.equal(auto, moe(x, *weights, top_k=2, impl="reference" if want == "native" else "native")[0])
+    assert _impl.faster_on_this_cpu("moe", "native", "native", x, 4) == "native"
+    assert _impl.faster_on_this_cpu("moe", "native", "auto", x.to(torch.bfloat16), 4) == "native"
+
+
 def test_info_reports_versions_backends_and_choices():
     report = lifeiqa_fast.info()
     assert report["versions"]["torch"] == torch.__version__

@@ -13,17 +13,20 @@ import torch
 
 from .. import _ext
 from .._version import __version__
-from ..ops._impl import choose, preflight_record, triton_status, validation
-from ..ops.cross_attention import MAX_HEAD_DIM, MAX_QUERIES
+from ..ops._impl import CPU_REFERENCE_FROM, choose, cpu_capability, preflight_record, triton_status, validation
+from ..ops.cross_attention import MAX_HEAD_DIM, MAX_QUERIES, NATIVE_MAX_ROWS
 from ..ops.gcn import MAX_TOKENS
 
-OPS = ("grid_pool", "gcn", "cross_attention", "moe")
+OPS = ("grid_pool", "gcn", "cross_attention", "moe")  # the ops with CPU, CUDA and Triton kernels
+CPU_ONLY = ("attend_memory",)  # ops with a CPU kernel only: GPUs run their composite path
 
 
 def _kernel_limits() -> dict[str, str]:
     """Per op, the sizes its native and Triton kernels take (beyond them auto runs the composite ops)."""
     return {"gcn": f"at most {MAX_TOKENS} tokens per image",
-            "cross_attention": f"at most {MAX_QUERIES} query tokens, heads of at most {MAX_HEAD_DIM} channels"}
+            "cross_attention": f"at most {MAX_QUERIES} query tokens, heads of at most {MAX_HEAD_DIM} channels",
+            "attend_memory": f"CPU only, fp32 and bf16; auto takes it without autograd for at most {NATIVE_MAX_ROWS} "
+                             f"query rows (B * Nq)"}
 
 
 def _version(module: str) -> str | None:
@@ -53,11 +56,11 @@ def info() -> dict:
     built_cuda = bool(_ext.BUILD_INFO.get("cuda"))
     arch_list = _ext.BUILD_INFO.get("cuda_arch_list")
     ops = {}
-    for op in OPS:
+    for op in OPS + CPU_ONLY:
         kernels = {
             "cpu": _ext.has_kernel(op, "cpu"),
             "cuda": _ext.has_kernel(op, "cuda"),
-            "triton": triton_status()[0],
+            "triton": triton_status()[0] and op not in CPU_ONLY,
         }
         validated = {backend: validation(op, backend) for backend in ("cuda", "triton")}
         record = preflight_record(op)
@@ -73,8 +76,11 @@ def info() -> dict:
         for device in devices:
             impl, reason = choose(op, device, "auto")
             auto[device] = {"impl": impl, "reason": reason}
+        # where measured data for this kind of CPU make auto run the reference instead (CPU_REFERENCE_FROM)
+        reference_from = {str(dtype).removeprefix("torch."): rows for (name, dtype), rows
+                          in CPU_REFERENCE_FROM.get(cpu_capability(), {}).items() if name == op}
         ops[op] = {"kernels": kernels, "preflight": checked, "gpu_validation": validated, "auto": auto,
-                   "kernel_limits": _kernel_limits().get(op)}
+                   "kernel_limits": _kernel_limits().get(op), "cpu_reference_from_rows": reference_from}
     return {
         "versions": {
             "lifeiqa_fast": __version__,
@@ -91,7 +97,7 @@ def info() -> dict:
             "cuda_arch_list": _ext.BUILD_INFO.get("cuda_arch_list"),
         },
         "devices": {
-            "cpu": f"{_cpu_model()}, {os.cpu_count()} cores",
+            "cpu": f"{_cpu_model()}, {os.cpu_count()} cores, {cpu_capability()}",
             "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         },
         "ops": ops,
@@ -113,7 +119,9 @@ def format_info(report: dict) -> str:
         k = entry["kernels"]
         lines.append(f"  {op}: kernels cpu={'yes' if k['cpu'] else 'no'} cuda={'yes' if k['cuda'] else 'no'} "
                      f"triton={'yes' if k['triton'] else 'no'}")
-        for backend, record in entry["gpu_validation"].items():
+        if op in CPU_ONLY:
+            lines.append("    GPU kernels: none (GPUs run its composite path)")
+        for backend, record in entry["gpu_validation"].items() if op not in CPU_ONLY else ():
             checked = entry["preflight"][backend]
             built = f"compiled for {', '.join(checked['compiled_for'])}" if checked["compiled_for"] else "not compiled"
             if checked["preflight"]:
@@ -124,6 +132,9 @@ def format_info(report: dict) -> str:
             lines.append(f"    {backend} kernel: {built}; {status}")
         for device, choice in entry["auto"].items():
             lines.append(f"    auto on {device}: {choice['impl']} ({choice['reason']})")
+        for dtype, rows in entry["cpu_reference_from_rows"].items():
+            lines.append(f"    auto on cpu, {dtype}: the reference from {rows} rows (measured faster on this kind of "
+                         f"CPU: lifeiqa_fast.ops._impl.CPU_REFERENCE_FROM)")
         if entry["kernel_limits"]:
             lines.append(f"    kernel limits: {entry['kernel_limits']} (beyond them auto runs composite)")
     return "\n".join(lines)

@@ -170,6 +170,41 @@ def within_limits(op: str, which: str, impl: str | None, beyond: str | None) -> 
                      f"'composite' run any size")
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_capability() -> str:
+    """The kind of CPU that speed data is kept for (CPU_REFERENCE_FROM): "amx" (AMX tiles), "avx512_bf16"
+    (AVX-512 with native bf16), "avx512", "avx2" or "baseline"."""
+    cpu = torch.cpu
+    for kind, has in (("amx", cpu._is_amx_tile_supported), ("avx512_bf16", cpu._is_avx512_bf16_supported),
+                      ("avx512", cpu._is_avx512_supported), ("avx2", cpu._is_avx2_supported)):
+        if has():
+            return kind
+    return "baseline"
+
+
+# Where "auto" on the CPU gives the native kernel's place to the reference (the authors' ATen calls) because
+# the reference was faster there: per CPU capability, (op, dtype) -> the fewest rows (query rows B * Nq,
+# tokens T) from which it was. Measured with benchmarks/run.py, the op's rows at 1, 8, 32 and 64 images,
+# native against eager (benchmarks/results/2026-12-07-cpu-avx512bf16.md): on a 2-core AMD EPYC with
+# AVX-512 and native bf16, oneDNN's bf16 GEMMs and the fused CPU attention that SDPA runs beat the
+# native cross_attention from 8 images in bf16 (0.86x) and at 64 in fp32 (0.87x), and the authors'
+# per-expert loop beats the native moe from 32 images in bf16 (0.95x, 0.82x at 64). Capabilities not
+# listed (AVX2 only, AMX) have no measured loss: the native kernel everywhere.
+CPU_REFERENCE_FROM = {
+    "avx512_bf16": {("cross_attention", torch.bfloat16): 48, ("cross_attention", torch.float32): 384,
+                    ("moe", torch.bfloat16): 192},
+}
+
+
+def faster_on_this_cpu(op: str, which: str, impl: str | None, x: torch.Tensor, rows: int) -> str:
+    """which, or "reference" where "auto" chose the native kernel on a CPU whose measured data say the
+    reference is faster at this dtype and row count (CPU_REFERENCE_FROM)."""
+    if which != "native" or x.device.type != "cpu" or (impl if impl is not None else _default_impl) != "auto":
+        return which
+    start = CPU_REFERENCE_FROM.get(cpu_capability(), {}).get((op, x.dtype))
+    return "reference" if start is not None and statically_known_true(rows >= start) else which
+
+
 @torch.compiler.assume_constant_result
 def _chosen(op: str, device_type: str, impl: str | None) -> str:
     # A constant to torch.compile: the choice is made once, at trace time, not traced through.

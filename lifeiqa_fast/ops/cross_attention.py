@@ -16,8 +16,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .. import _ext
 from ..reference import cross_attention_ref, mha_ref
 from ..triton import cross_attention as _triton
-from ._impl import (acc_dtype, check_like_x, check_tensors, first_order_only, get_default_impl, is_int, linear,
-                    resolve, within_limits)
+from ._impl import (acc_dtype, check_like_x, check_tensors, faster_on_this_cpu, first_order_only, get_default_impl,
+                    is_int, linear, resolve, within_limits)
 
 MAX_QUERIES = 64  # csrc/cross_attention.h, kAttnMaxQueries
 MAX_HEAD_DIM = 128  # csrc/cross_attention.h, kAttnMaxHeadDim
@@ -43,6 +43,7 @@ def cross_attention(x: Tensor, kv: Tensor, norm_weight: Tensor, norm_bias: Tenso
     _check(x, kv, norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias, num_heads, eps)
     which = within_limits("cross_attention", resolve("cross_attention", x, impl), impl,
                           _beyond_kernels(x, num_heads))
+    which = faster_on_this_cpu("cross_attention", which, impl, x, x.shape[0] * x.shape[1])
     args = (norm_weight, norm_bias, q_weight, q_bias, out_weight, out_bias)
     if which in ("reference", "composite"):  # the reference is the ATen calls of the module, sync-free already
         return cross_attention_ref(x, kv, *args, num_heads, eps)

@@ -13,7 +13,8 @@ from torch import Tensor
 
 from .. import _ext
 from ..reference import moe_ref
-from ._impl import acc_dtype, agreed_size, check_like_x, check_tensors, first_order_only, is_int, resolve
+from ._impl import (acc_dtype, agreed_size, check_like_x, check_tensors, faster_on_this_cpu, first_order_only,
+                    is_int, resolve)
 
 # Tokens up to which "dense" (every expert on every token) runs instead of "grouped" (tokens grouped
 # by expert, each expert on its own rows), per device type. CPU: grouped always; dense does E / k
@@ -38,7 +39,7 @@ def moe(x: Tensor, router_weight: Tensor, router_bias: Tensor, w1: Tensor, b1: T
     flows only through the gates.
     """
     _check(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask)
-    which = resolve("moe", x, impl)
+    which = faster_on_this_cpu("moe", resolve("moe", x, impl), impl, x, x.shape[0])
     if which == "reference":
         out, aux, z = moe_ref(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask=dropout_mask)
         return out, aux.to(acc_dtype(x.dtype)), z.to(acc_dtype(x.dtype))

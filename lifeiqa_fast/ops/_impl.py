@@ -170,16 +170,22 @@ def within_limits(op: str, which: str, impl: str | None, beyond: str | None) -> 
                      f"'composite' run any size")
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_capability() -> str:
-    """The kind of CPU that speed data is kept for (CPU_REFERENCE_FROM): "amx" (AMX tiles), "avx512_bf16"
-    (AVX-512 with native bf16), "avx512", "avx2" or "baseline"."""
+def _cpu_kind() -> str:
     cpu = torch.cpu
     for kind, has in (("amx", cpu._is_amx_tile_supported), ("avx512_bf16", cpu._is_avx512_bf16_supported),
                       ("avx512", cpu._is_avx512_supported), ("avx2", cpu._is_avx2_supported)):
         if has():
             return kind
     return "baseline"
+
+
+_CPU_KIND = _cpu_kind()  # read once, at import: torch.compile does not trace torch.cpu's probes
+
+
+def cpu_capability() -> str:
+    """The kind of CPU that speed data is kept for (CPU_REFERENCE_FROM): "amx" (AMX tiles), "avx512_bf16"
+    (AVX-512 with native bf16), "avx512", "avx2" or "baseline"."""
+    return _CPU_KIND
 
 
 # Where "auto" on the CPU gives the native kernel's place to the reference (the authors' ATen calls) because

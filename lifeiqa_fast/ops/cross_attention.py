@@ -96,11 +96,11 @@ def _beyond_native(x: Tensor) -> str | None:
 
 
 # "auto" takes the native kernel for at most this many query rows in all (B * Nq): it reads every weight
-# once per image, where the composite path's batched GEMMs read them once per call. Measured on a 2-core
-# AMD EPYC (AVX-512, native bf16), one Life-IQA layer, the two paths timed in turn: the native kernel took
-# 0.3 to 0.7x the composite's time in fp32 and 0.7 to 0.9x in bf16 from 24 to 96 rows (4 to 16 images),
-# and still 0.6x (fp32) and 0.8 to 1.0x (bf16) at 192 and 384, where the VM's noise blurred the runs.
-NATIVE_MAX_ROWS = 96
+# once per image, where the composite path's batched GEMMs read them once per call, so its lead shrinks
+# with the batch. Measured on a 2-core AMD EPYC (AVX-512, native bf16), Life-IQA's 4-layer decoder
+# stack with and without it, timed in turn: 0.67x the composite path's time at 1 image, 0.84x at 4,
+# 0.93x at 16 and 0.95x at 32 to 64, alike in fp32 and bf16; 32 images keeps a margin for other CPUs.
+NATIVE_MAX_ROWS = 192
 
 
 def native_attend_pays(x: Tensor, tensors) -> bool:

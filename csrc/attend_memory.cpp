@@ -52,24 +52,7 @@ LIFEIQA_CPU_INLINE void memory_head(const MemoryAttention& p, int64_t h, const f
   for (int64_t i = 0; i < R * hd; ++i) q[i] *= scale;
   few_rows_matmul_r<R>(q, hd, hd, in_w + (D + h * hd) * D, D, D, qm, D);  // q_h W_k,h (R, D)
   few_rows_linear_r<R>(qm, D, D, mem, static_cast<const T*>(nullptr), Nk, s, Nk);  // scores, (R, Nk)
-  vec8 v;
-  for (int r = 0; r < R; ++r) {  // softmax of each row, in place
-    float* __restrict__ sr = s + r * Nk;
-    const float mx = *std::max_element(sr, sr + Nk);
-    vec8 sums = vec8{};
-    int64_t k = 0;
-    for (; k + 8 <= Nk; k += 8) {
-      load8(v, sr + k);
-      v -= mx;
-      exp_nonpositive(v);
-      std::memcpy(sr + k, &v, sizeof(v));
-      sums += v;
-    }
-    float sum = sum8(sums);
-    for (; k < Nk; ++k) sum += (sr[k] = std::exp(sr[k] - mx));
-    const float inv = 1.0f / sum;
-    for (k = 0; k < Nk; ++k) sr[k] *= inv;
-  }
+  for (int r = 0; r < R; ++r) softmax_row(s + r * Nk, Nk);
   few_rows_matmul_r<R>(s, Nk, Nk, mem, D, D, pm, D);  // P_h M (R, D)
   few_rows_linear_r<R>(pm, D, D, in_w + (2 * D + h * hd) * D, in_b + 2 * D + h * hd, hd, o + h * hd, D);
 }

@@ -144,25 +144,7 @@ LIFEIQA_CPU_INLINE void attend_head_vec_impl(const Attend& p, const T* __restric
       s[i * Nk + j] = sum8(dot) * scale;
     }
   }
-  for (int64_t i = 0; i < Nq; ++i) {
-    float* __restrict__ si = s + i * Nk;
-    float mx = si[0];
-    for (int64_t j = 1; j < Nk; ++j) mx = std::max(mx, si[j]);
-    vec8 sums = vec8{}, e;
-    int64_t j = 0;
-    for (; j + 8 <= Nk; j += 8) {
-      load8(e, si + j);
-      e -= mx;
-      exp_nonpositive(e);
-      std::memcpy(si + j, &e, sizeof(e));
-      sums += e;
-    }
-    float sum = sum8(sums);
-    for (; j < Nk; ++j) sum += (si[j] = std::exp(si[j] - mx));
-    const float inv = 1.0f / sum;
-    for (j = 0; j < Nk; ++j) si[j] *= inv;
-    lse[i] = mx + std::log(sum);
-  }
+  for (int64_t i = 0; i < Nq; ++i) lse[i] = softmax_row(s + i * Nk, Nk);
   std::fill(acc, acc + Nq * hd, 0.0f);
   for (int64_t j = 0; j < Nk; ++j) {
     const T* __restrict__ vj = v + j * p.kv_n;

@@ -2,6 +2,8 @@
 // extensions for the CPU kernels' hot loops, compiled for AVX2 + FMA and for the baseline ISA.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -37,6 +39,26 @@ __attribute__((always_inline)) inline void exp_nonpositive(vec8& x) {
   std::memcpy(&bits, &y, sizeof(y));
   bits += n << 23;
   std::memcpy(&x, &bits, sizeof(x));
+}
+
+// s[0, n), n >= 1, replaced by its softmax in fp32, exponentials on eight-float vectors; returns the
+// row's log-sum-exp. Example: s = (0, 0) becomes (0.5, 0.5) and returns log 2.
+__attribute__((always_inline)) inline float softmax_row(float* __restrict__ s, int64_t n) {
+  const float mx = *std::max_element(s, s + n);
+  vec8 sums = vec8{}, e;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    load8(e, s + j);
+    e -= mx;
+    exp_nonpositive(e);
+    std::memcpy(s + j, &e, sizeof(e));
+    sums += e;
+  }
+  float sum = sum8(sums);
+  for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
+  const float inv = 1.0f / sum;
+  for (j = 0; j < n; ++j) s[j] *= inv;
+  return mx + std::log(sum);
 }
 
 }  // namespace lifeiqa_fast

@@ -1,9 +1,10 @@
 // CPU kernel of lifeiqa_fast::gcn: x + three graph convolutions over the N query tokens.
 //
 // A(h W) = (A h) W, so each layer is a product with the weights followed by the graph, the bias, the
-// ReLU and (last layer) the residual. fp32 runs a register-blocked kernel that does all of that per
-// block of output columns in one pass; other dtypes run one BLAS GEMM over all B * N tokens (where
-// the authors' bmm with expanded weights runs B tiny products) and then one fused pass per image.
+// ReLU and (last layer) the residual. fp32 and bf16 run a register-blocked kernel that does all of that
+// per block of output columns in one pass (bf16 widened as it is loaded, fp32 arithmetic); other dtypes
+// run one BLAS GEMM over all B * N tokens (where the authors' bmm with expanded weights runs B tiny
+// products) and then one fused pass per image.
 #include <algorithm>
 #include <cstring>
 #include <tuple>
@@ -17,6 +18,7 @@
 #include <torch/library.h>
 
 #include "cpu.h"
+#include "few_rows.h"
 #include "gcn.h"
 
 namespace lifeiqa_fast {
@@ -87,7 +89,7 @@ void propagate(at::Tensor& h, const at::Tensor& adj, const at::Tensor& bias, boo
   });
 }
 
-// ---- fp32: each layer is one parallel pass over blocks of 24 output columns (no separate GEMM: at
+// ---- fp32 and bf16: each layer is one parallel pass over blocks of 24 output columns (no separate GEMM: at
 // Life-IQA's sizes BLAS pays overheads on 6-row products, and loses even at batch 64, measured on a
 // 2-core AVX2 machine: 2x faster than the authors' bmm at batch 1, ~97% of a large GEMM's FLOP/s at
 // batch 32). A task computes its columns for every token of an
@@ -99,26 +101,21 @@ constexpr int kRows = 3;   // token rows per register block: 9 vector accumulato
                            // broadcast fit the 16 AVX2 registers, and 9 independent multiply-adds
                            // per k cover the FMA latency
 
-// Eight floats in one AVX2 register (two SSE registers on the baseline ISA): GCC/Clang vector
-// extensions, so that the accumulators below stay in registers whatever the auto-vectoriser does.
-typedef float vec8 __attribute__((vector_size(32)));
-
 // acc (R, kCols) = in (R, K; row stride K) @ W[:, c0:c0 + kCols] (row stride ldw): R x 3 vector
 // accumulators, one broadcast multiply-add each per k.
-template <int R>
-__attribute__((always_inline)) inline void row_block(const float* __restrict__ in, int64_t K,
-                                                     const float* __restrict__ W, int64_t ldw,
-                                                     float* __restrict__ acc_out) {
+template <int R, typename T>
+__attribute__((always_inline)) inline void row_block(const T* __restrict__ in, int64_t K, const T* __restrict__ W,
+                                                     int64_t ldw, float* __restrict__ acc_out) {
   static_assert(kCols == 24, "three vectors of accumulators per row");
   vec8 acc[R][3];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = vec8{};
   for (int64_t k = 0; k < K; ++k) {
     vec8 w0, w1, w2;  // separate variables, not an array: GCC keeps them (and acc) in registers
-    std::memcpy(&w0, W + k * ldw, sizeof(vec8));
-    std::memcpy(&w1, W + k * ldw + 8, sizeof(vec8));
-    std::memcpy(&w2, W + k * ldw + 16, sizeof(vec8));
+    load8(w0, W + k * ldw);
+    load8(w1, W + k * ldw + 8);
+    load8(w2, W + k * ldw + 16);
     for (int r = 0; r < R; ++r) {
-      const float a = in[r * K + k];
+      const float a = static_cast<float>(in[r * K + k]);
       acc[r][0] += a * w0;
       acc[r][1] += a * w1;
       acc[r][2] += a * w2;
@@ -129,11 +126,11 @@ __attribute__((always_inline)) inline void row_block(const float* __restrict__ i
 
 // One graph convolution on columns [c0, c0 + kCols) of one image: out = act(A (in W) + bias) + res.
 // cols < kCols only for the last block of a C that is not a multiple of kCols (then plain loops).
-__attribute__((always_inline)) inline void conv_block(const float* __restrict__ in, int64_t N, int64_t K,
-                                                      const float* __restrict__ W, int64_t C, int64_t c0,
-                                                      int64_t cols, const float* __restrict__ A,
-                                                      const float* __restrict__ bias, bool relu,
-                                                      const float* __restrict__ res, float* __restrict__ out) {
+template <typename T>
+__attribute__((always_inline)) inline void conv_block(const T* __restrict__ in, int64_t N, int64_t K,
+                                                      const T* __restrict__ W, int64_t C, int64_t c0, int64_t cols,
+                                                      const T* __restrict__ A, const T* __restrict__ bias, bool relu,
+                                                      const T* __restrict__ res, T* __restrict__ out) {
   float s[kGcnMaxTokens][kCols];  // in W for this block
   if (cols == kCols) {
     int64_t r0 = 0;
@@ -144,7 +141,7 @@ __attribute__((always_inline)) inline void conv_block(const float* __restrict__ 
     for (int64_t n = 0; n < N; ++n)
       for (int64_t c = 0; c < cols; ++c) {
         float acc = 0.f;
-        for (int64_t k = 0; k < K; ++k) acc += in[n * K + k] * W[k * C + c0 + c];
+        for (int64_t k = 0; k < K; ++k) acc += static_cast<float>(in[n * K + k]) * static_cast<float>(W[k * C + c0 + c]);
         s[n][c] = acc;
       }
   }
@@ -160,32 +157,34 @@ __attribute__((always_inline)) inline void conv_block(const float* __restrict__ 
     } else {
       for (int c = 0; c < kCols; ++c) v[c] = 0.f;
       for (int64_t m = 0; m < N; ++m)
-        for (int c = 0; c < kCols; ++c) v[c] += A[n * N + m] * s[m][c];
+        for (int c = 0; c < kCols; ++c) v[c] += static_cast<float>(A[n * N + m]) * s[m][c];
     }
     for (int64_t c = 0; c < cols; ++c) {
-      float o = v[c] + bias[c0 + c];
+      float o = v[c] + static_cast<float>(bias[c0 + c]);
       o = relu ? std::max(o, 0.f) : o;
-      out[n * C + c0 + c] = res == nullptr ? o : o + res[n * C + c0 + c];
+      out[n * C + c0 + c] = static_cast<T>(res == nullptr ? o : o + static_cast<float>(res[n * C + c0 + c]));
     }
   }
 }
 
-// One graph convolution of the batch: out (B * N, C) from in (B * N, K), all contiguous.
+// One graph convolution of the batch: out (B * N, C) from in (B * N, K), all contiguous, of one dtype.
+template <typename T>
 struct Conv {
-  const float* in;
+  const T* in;
   int64_t N, K;
-  const float* W;  // (K, C)
+  const T* W;  // (K, C)
   int64_t C;
-  const float* A;  // nullptr (fixed graph), or (N, N) per image at A + b * a_stride
+  const T* A;  // nullptr (fixed graph), or (N, N) per image at A + b * a_stride
   int64_t a_stride;
-  const float* bias;
+  const T* bias;
   bool relu;
-  const float* res;  // nullptr, or (B * N, C)
-  float* out;
+  const T* res;  // nullptr, or (B * N, C)
+  T* out;
 };
 
 // Tasks [begin, end) of (image, column block) pairs.
-__attribute__((always_inline)) inline void conv_tasks_impl(const Conv& p, int64_t begin, int64_t end) {
+template <typename T>
+LIFEIQA_CPU_INLINE void conv_tasks_impl(const Conv<T>& p, int64_t begin, int64_t end) {
   const int64_t blocks = (p.C + kCols - 1) / kCols;
   for (int64_t t = begin; t < end; ++t) {
     const int64_t b = t / blocks, c0 = (t % blocks) * kCols;
@@ -195,44 +194,38 @@ __attribute__((always_inline)) inline void conv_tasks_impl(const Conv& p, int64_
   }
 }
 
-// The same loop compiled for AVX2 + FMA and for the baseline ISA; the CPU picks once.
-__attribute__((target("avx2,fma"))) void conv_tasks_avx2(const Conv& p, int64_t begin, int64_t end) {
-  conv_tasks_impl(p, begin, end);
-}
-void conv_tasks_baseline(const Conv& p, int64_t begin, int64_t end) { conv_tasks_impl(p, begin, end); }
+LIFEIQA_CPU_DISPATCH(conv_tasks)
 
-void conv_layer(const Conv& p, int64_t B) {
-  const bool avx2 = cpu_has_avx2_fma();
+template <typename T>
+void conv_layer(const Conv<T>& p, int64_t B) {
   const int64_t blocks = (p.C + kCols - 1) / kCols;
   // a task is N * K * kCols multiply-adds; spread them only when each thread gets enough of them
   const int64_t grain = std::max<int64_t>(1, 4 * kMinElementsPerTask / std::max<int64_t>(1, p.N * p.K * kCols));
-  at::parallel_for(0, B * blocks, grain, [&](int64_t begin, int64_t end) {
-    avx2 ? conv_tasks_avx2(p, begin, end) : conv_tasks_baseline(p, begin, end);
-  });
+  at::parallel_for(0, B * blocks, grain, [&](int64_t begin, int64_t end) { conv_tasks<T>(p, begin, end); });
 }
 
-// The whole fp32 forward: three conv_layer passes.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gcn_fp32(const at::Tensor& xc, const at::Tensor& a,
-                                                              const at::Tensor& w1, const at::Tensor& b1,
-                                                              const at::Tensor& w2, const at::Tensor& b2,
-                                                              const at::Tensor& w3, const at::Tensor& b3) {
+// The whole forward in fp32 or bf16 (fp32 arithmetic, h1, h2 and the output rounded to bf16 as the
+// authors' layers round them): three conv_layer passes.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gcn_vec(const at::Tensor& xc, const at::Tensor& a, const at::Tensor& w1,
+                                                       const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                                                       const at::Tensor& w3, const at::Tensor& b3) {
   const int64_t B = xc.size(0), N = xc.size(1), D = xc.size(2), H1 = w1.size(1), H2 = w2.size(1);
   at::Tensor h1 = at::empty({B, N, H1}, xc.options()), h2 = at::empty({B, N, H2}, xc.options());
   at::Tensor out = at::empty({B, N, D}, xc.options());
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous(), w3c = w3.contiguous();
   const at::Tensor b1c = b1.contiguous(), b2c = b2.contiguous(), b3c = b3.contiguous();
-  const float* A = a.defined() ? a.const_data_ptr<float>() : nullptr;
+  const T* A = a.defined() ? a.const_data_ptr<T>() : nullptr;
   const int64_t a_stride = a.defined() && a.dim() == 3 ? N * N : 0;
-  const float* x = xc.const_data_ptr<float>();
-  conv_layer({x, N, D, w1c.const_data_ptr<float>(), H1, A, a_stride, b1c.const_data_ptr<float>(), true, nullptr,
-              h1.mutable_data_ptr<float>()}, B);
-  conv_layer({h1.const_data_ptr<float>(), N, H1, w2c.const_data_ptr<float>(), H2, A, a_stride,
-              b2c.const_data_ptr<float>(), true, nullptr, h2.mutable_data_ptr<float>()}, B);
-  conv_layer({h2.const_data_ptr<float>(), N, H2, w3c.const_data_ptr<float>(), D, A, a_stride,
-              b3c.const_data_ptr<float>(), false, x, out.mutable_data_ptr<float>()}, B);
+  const T* x = xc.const_data_ptr<T>();
+  conv_layer<T>({x, N, D, w1c.const_data_ptr<T>(), H1, A, a_stride, b1c.const_data_ptr<T>(), true, nullptr,
+                 h1.mutable_data_ptr<T>()}, B);
+  conv_layer<T>({h1.const_data_ptr<T>(), N, H1, w2c.const_data_ptr<T>(), H2, A, a_stride, b2c.const_data_ptr<T>(),
+                 true, nullptr, h2.mutable_data_ptr<T>()}, B);
+  conv_layer<T>({h2.const_data_ptr<T>(), N, H2, w3c.const_data_ptr<T>(), D, A, a_stride, b3c.const_data_ptr<T>(),
+                 false, x, out.mutable_data_ptr<T>()}, B);
   return {out, h1, h2};
 }
-
 
 }  // namespace
 
@@ -244,7 +237,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gcn_cpu(const at::Tensor& x, cons
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
   const at::Tensor xc = x.contiguous();
   const at::Tensor a = adj.has_value() ? adj->contiguous() : at::Tensor();
-  if (x.scalar_type() == at::kFloat) return gcn_fp32(xc, a, w1, b1, w2, b2, w3, b3);
+  if (x.scalar_type() == at::kFloat) return gcn_vec<float>(xc, a, w1, b1, w2, b2, w3, b3);
+  if (x.scalar_type() == at::kBFloat16) return gcn_vec<c10::BFloat16>(xc, a, w1, b1, w2, b2, w3, b3);
   // other dtypes: BLAS GEMMs over all B * N tokens (fp32 accumulation for bf16/fp16), then the graph
   at::Tensor h1 = at::mm(xc.view({B * N, D}), w1);  // (B * N, H1)
   propagate(h1, a, b1, /*relu=*/true, at::Tensor(), B, N);

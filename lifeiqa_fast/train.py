@@ -96,6 +96,14 @@ def read_config_file(path) -> dict:
     return data
 
 
+# Seeds derived from the configured seed, strided so that they do not collide: run r of a repeated
+# training seeds with seed + RUN_SEED_STRIDE * r; its epoch e's sampling order with run seed *
+# EPOCH_SEED_STRIDE + e (distinct for fewer than 1000 epochs); each sample i's flip and crop with epoch
+# seed * SAMPLE_SEED_STRIDE + i (a prime above any dataset's count of samples times crops).
+RUN_SEED_STRIDE = 1000
+EPOCH_SEED_STRIDE = 1000
+SAMPLE_SEED_STRIDE = 1_000_003
+
 # The int settings and their least value (limit: None, or at least 1).
 INT_SETTINGS = dict(batch_size=1, patch_num=1, num_experts=1, top_k=1, depth=1, decay_epochs=1, epochs=1,
                          warmup_epochs=0, repeats=1, split_seed=0, seed=0, workers=0, limit=1)
@@ -200,7 +208,7 @@ class TrainCrops(Dataset):
         """key: (sample index, the epoch's seed): the sample's flip and crop come from a generator seeded
         by both, so they do not depend on which worker draws them or on earlier epochs."""
         i, seed = key
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + i) % 2**63)
+        gen = torch.Generator().manual_seed((seed * SAMPLE_SEED_STRIDE + i) % 2**63)
         record = self.records[i // self.patch_num]
         try:
             x = self.image(record.path)
@@ -230,7 +238,7 @@ class EpochShuffle(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def epoch_seed(self) -> int:
-        return self.seed * 1000 + self.epoch
+        return self.seed * EPOCH_SEED_STRIDE + self.epoch
 
     def __len__(self) -> int:
         return self.n // self.world
@@ -309,7 +317,7 @@ def train_run(config: TrainConfig, train_records, test_records, run_dir: Path, r
     rank, world = join()
     device = torch.device(config.device) if config.device else local_device()
     resize = config.image_resize()
-    run_seed = config.seed + 1000 * run
+    run_seed = config.seed + RUN_SEED_STRIDE * run
     _seed_everything(run_seed)
     pretrained = {"auto": True, "none": False}.get(config.pretrained, config.pretrained)
     model = LifeIQA(num_experts=config.num_experts, top_k=config.top_k, depth=config.depth, backbone=config.backbone,

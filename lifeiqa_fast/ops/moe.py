@@ -1,8 +1,9 @@
 """moe: the sparse mixture of experts of Life-IQA's head (docs/moe.md), fused: router, top-k, gates,
 the experts' MLPs, their gated sum, and the aux and z losses.
 
-Public function, fake implementations and the autograd formula. The schema of the native op lives
-in csrc/library.cpp (its contract in csrc/moe.h), its CPU kernel in csrc/moe.cpp, the reference in
+Public function, the Triton op, fake implementations and the autograd formula. The schema of the native
+op lives in csrc/library.cpp (its contract in csrc/moe.h), its kernels in csrc/moe.cpp (CPU) and
+kernels/moe.cu (CUDA), the Triton kernels in lifeiqa_fast/triton/moe.py and the reference in
 lifeiqa_fast/reference.py (moe_ref, the authors' per-expert loop).
 """
 from __future__ import annotations

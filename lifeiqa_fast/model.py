@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from . import reference
 from .ops import attend_memory, cross_attention, gcn, grid_pool, moe
-from .ops._impl import _check_impl, get_default_impl, is_int, linear, resolve
+from .ops._impl import _check_impl, is_int, linear, requested, resolve
 from .ops.cross_attention import native_attend_pays
 from .ops.gcn import MAX_TOKENS as GCN_MAX_TOKENS
 
@@ -36,7 +36,7 @@ def _built_once(owner: nn.Module, params: list[Tensor], build):
 
 def _is_reference(impl: str | None) -> bool:
     """Whether a module with this impl computes the authors' way (None: the process-wide default)."""
-    return (impl if impl is not None else get_default_impl()) == "reference"
+    return requested(impl) == "reference"
 
 
 class GridPool(nn.Module):
@@ -174,7 +174,7 @@ class Decoder(nn.Module):
 
         Called once per forward at a few rows, so it reads the parameters from the modules' dictionaries
         (about 50 of them: nn.Module attribute lookups would cost more than a layer's kernels)."""
-        if (self.impl if self.impl is not None else get_default_impl()) not in ("auto", "native"):
+        if requested(self.impl) not in ("auto", "native"):
             return None
         if memory.device.type != "cpu" or x.dim() != 3 or x.shape[1] > GCN_MAX_TOKENS or x.dtype != memory.dtype:
             return None

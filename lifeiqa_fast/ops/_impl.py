@@ -38,6 +38,11 @@ def get_default_impl() -> str:
     return _default_impl
 
 
+def requested(impl: str | None) -> str:
+    """The implementation asked for: impl, or the process-wide default for None."""
+    return impl if impl is not None else _default_impl
+
+
 def _check_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"lifeiqa_fast: impl must be one of {IMPLS}, got {impl!r}")
@@ -134,7 +139,7 @@ def _why_not(op: str, impl: str, device_type: str) -> str | None:
 @functools.lru_cache(maxsize=None)
 def choose(op: str, device_type: str, impl: str | None = None) -> tuple[str, str]:
     """(implementation, reason) for `op` on a device type, from impl in IMPLS or None (the default)."""
-    impl = _check_impl(impl if impl is not None else _default_impl)
+    impl = _check_impl(requested(impl))
     if impl != "auto":
         why = _why_not(op, impl, device_type)
         if why is not None:
@@ -164,7 +169,7 @@ def within_limits(op: str, which: str, impl: str | None, beyond: str | None) -> 
     name raises a ValueError naming the limit."""
     if beyond is None or which not in ("native", "triton"):
         return which
-    if (impl if impl is not None else _default_impl) == "auto":
+    if requested(impl) == "auto":
         return "composite"
     raise ValueError(f"lifeiqa_fast.{op}: impl={which!r} cannot run this input: {beyond}; impl='auto' or "
                      f"'composite' run any size")
@@ -206,7 +211,7 @@ CPU_REFERENCE_FROM = {
 def faster_on_this_cpu(op: str, which: str, impl: str | None, x: torch.Tensor, rows: int) -> str:
     """which, or "reference" where "auto" chose the native kernel on a CPU whose measured data say the
     reference is faster at this dtype and row count (CPU_REFERENCE_FROM)."""
-    if which != "native" or x.device.type != "cpu" or (impl if impl is not None else _default_impl) != "auto":
+    if which != "native" or x.device.type != "cpu" or requested(impl) != "auto":
         return which
     start = CPU_REFERENCE_FROM.get(cpu_capability(), {}).get((op, x.dtype))
     return "reference" if start is not None and statically_known_true(rows >= start) else which

@@ -16,8 +16,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .. import _ext
 from ..reference import cross_attention_ref, mha_ref
 from ..triton import cross_attention as _triton
-from ._impl import (acc_dtype, check_like_x, check_tensors, faster_on_this_cpu, first_order_only, get_default_impl,
-                    is_int, linear, resolve, within_limits)
+from ._impl import (acc_dtype, check_like_x, check_tensors, faster_on_this_cpu, first_order_only, is_int,
+                    linear, requested, resolve, within_limits)
 
 MAX_QUERIES = 64  # csrc/cross_attention.h, kAttnMaxQueries
 MAX_HEAD_DIM = 128  # csrc/cross_attention.h, kAttnMaxHeadDim
@@ -80,8 +80,7 @@ def attend_memory(x: Tensor, memory: Tensor, norm_weight: Tensor, norm_bias: Ten
     which = within_limits("attend_memory", resolve("attend_memory", x, impl), impl, _beyond_native(x))
     if which == "reference":
         return mha_ref(*args, num_heads, eps)
-    if which == "native" and (impl if impl is not None else get_default_impl()) == "auto" and \
-            not native_attend_pays(x, args):
+    if which == "native" and requested(impl) == "auto" and not native_attend_pays(x, args):
         which = "composite"
     if which == "native":
         return torch.ops.lifeiqa_fast.attend_memory(*(t.contiguous() for t in args), num_heads, float(eps))

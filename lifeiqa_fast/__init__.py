@@ -4,12 +4,14 @@ from . import ops, reference
 from ._version import __version__
 from .export import export_onnx  # imports onnx only when called
 from .info import info
-from .loss import QualityLoss
-from .model import LifeIQA, load_checkpoint, optimize, save_checkpoint
+from .loss import QualityLoss, training_loss
+from .checkpoint import load_checkpoint, save_checkpoint
+from .convert import optimize
+from .model import LifeIQA
 from .pretrained import from_pretrained, save_pretrained
 from .scorer import Scorer
 from .ops import get_default_impl, set_default_impl
 
 __all__ = ["LifeIQA", "QualityLoss", "Scorer", "__version__", "export_onnx", "from_pretrained", "get_default_impl",
            "info", "load_checkpoint", "ops", "optimize", "reference", "save_checkpoint", "save_pretrained",
-           "set_default_impl"]
+           "set_default_impl", "training_loss"]

@@ -149,7 +149,7 @@ def _model_argument(parser: argparse.ArgumentParser) -> None:
 
 def _list_datasets() -> int:
     from .scale import DATASET_SCALES
-    from .scorer import RESIZED_DATASETS
+    from .images import RESIZED_DATASETS
     from .train import PRESETS
 
     print(f"{'dataset':<10} {'label':<28} {'range':>10}  {'better':<7} {'official crops':>14}  resize")
@@ -265,7 +265,7 @@ def _outputs(args) -> list[tuple[str, str, str]] | str:
 def _score(args) -> int:
     from . import Scorer
     from .distributed import agree, join, local_device, sharded
-    from .scorer import find_images
+    from .images import find_images
 
     rank, world = join()
     if not args.model:

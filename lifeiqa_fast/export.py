@@ -19,10 +19,10 @@ from torch import Tensor, nn
 
 from ._optional import require
 from ._version import __version__
-from .model import optimize
+from .convert import optimize
 from .pretrained import _preprocessing, load_model
 from .scale import scale_of_model
-from .scorer import CROP, MEAN, STD
+from .images import CROP, MEAN, STD
 
 # The lowest opset torch.onnx's dynamo exporter writes (its torchlib functions are opset 18).
 MIN_OPSET = 18

@@ -1,4 +1,5 @@
-"""QualityLoss: a differentiable Life-IQA quality loss, to optimise images towards higher quality
+"""The losses of Life-IQA: training_loss, what the authors' training minimises, and QualityLoss, a
+differentiable Life-IQA quality loss, to optimise images towards higher quality
 (restoration, enhancement), as LPIPS-style losses are used.
 
 An image goes through the Scorer's preprocessing, differentiably: an optional resize, enlargement to
@@ -15,12 +16,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import optimize
+from .convert import optimize
 from .ops._impl import _check_impl, is_int
 from .scale import DATASET_SCALES, scale_of, scale_of_model
 from .pretrained import load_model
-from .scorer import (CROP, FLOAT_SLACK, MAX_CROPS, MEAN, STD, _value_range, auto_resize, crop_corners, is_data_range,
-                     is_size, target_size)
+from .images import (CROP, FLOAT_SLACK, MAX_CROPS, MEAN, STD, _value_range, crop_corners, is_data_range, is_size,
+                     target_size)
+from .scorer import auto_resize
+
+# The weights of the router's two losses in the authors' training objective (their main.py: alpha, beta).
+AUX_WEIGHT = 0.01  # the load-balancing loss aux
+Z_WEIGHT = 0.001  # the router z-loss z
+
+
+def router_loss(aux: Tensor, z: Tensor) -> Tensor:
+    """AUX_WEIGHT * aux + Z_WEIGHT * z: the router's share of the training objective."""
+    return AUX_WEIGHT * aux + Z_WEIGHT * z
+
+
+def training_loss(score: Tensor, mos: Tensor, aux: Tensor, z: Tensor) -> Tensor:
+    """The authors' training objective for one batch of LifeIQA outputs (score (B, 1), aux (), z ()) and
+    labels mos (B,) or (B, 1): smooth_l1(score, mos) (beta 1, the batch mean) + router_loss(aux, z).
+    The smooth L1 term is computed in float32 whatever score's dtype (an autocast forward)."""
+    if score.dim() != 2 or score.shape[1] != 1:
+        raise ValueError(f"lifeiqa_fast.training_loss: score must be (B, 1), got {tuple(score.shape)}")
+    if mos.numel() != score.shape[0]:
+        raise ValueError(f"lifeiqa_fast.training_loss: mos must hold one label per score ({score.shape[0]}), "
+                         f"got shape {tuple(mos.shape)}")
+    return F.smooth_l1_loss(score.float(), mos.reshape(-1, 1).to(score.device, torch.float32)) + router_loss(aux, z)
+
 
 REDUCTIONS = ("mean", "sum", "none")
 WHERE = "lifeiqa_fast.QualityLoss"  # how its errors begin

@@ -1,14 +1,13 @@
 """LifeIQA: the Life-IQA model with the authors' module structure and state-dict keys (docs/model.md).
 
 The head calls the op families of lifeiqa_fast.ops with the module's impl; impl="reference" computes
-everything the authors' way (lifeiqa_fast.reference).
+everything the authors' way (lifeiqa_fast.reference). FusedForward is that forward pass for any module
+with the authors' layout; checkpoints are read and written by lifeiqa_fast.checkpoint, and
+lifeiqa_fast.optimize converts a model of the authors' classes.
 """
 from __future__ import annotations
 
 import os
-import pickle
-from collections import OrderedDict
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +43,11 @@ class GridPool(nn.Module):
 
     def __init__(self, grid: int = 7, impl: str | None = None):
         super().__init__()
+        self._init_state(grid, impl)
+
+    def _init_state(self, grid: int = 7, impl: str | None = None) -> None:
+        """What the module holds beside its parameters and submodules (here, everything), set by
+        __init__ and by lifeiqa_fast.optimize on a module it converts; likewise in the classes below."""
         self.grid, self.impl = grid, impl
 
     def forward(self, x: Tensor) -> Tensor:
@@ -84,6 +88,9 @@ class DecoderLayer(nn.Module):
         self.GCN = GcnModel(dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.adj = nn.Parameter(reference.fixed_adjacency(num_queries)) if learnable else None
+        self._init_state(impl)
+
+    def _init_state(self, impl: str | None = None) -> None:  # (optimize sets adj itself: it reads the graph)
         self.impl = impl
 
     def forward(self, x: Tensor, memory: Tensor, kv: Tensor | None = None, out_bias: Tensor | None = None) -> Tensor:
@@ -136,6 +143,9 @@ class Decoder(nn.Module):
                  strategy: str | None = None):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(dim, num_heads, num_queries, learnable, impl) for _ in range(depth))
+        self._init_state(impl, strategy)
+
+    def _init_state(self, impl: str | None = None, strategy: str | None = None) -> None:
         self.impl, self.strategy = impl, strategy
         self._cache = None  # (parameter versions, folded weights): see folded
 
@@ -239,9 +249,12 @@ class SparseMoE(nn.Module):
         super().__init__()
         if not is_int(top_k) or not 1 <= top_k <= num_experts:
             raise ValueError(f"lifeiqa_fast.LifeIQA: top_k must be in [1, num_experts={num_experts}], got {top_k}")
-        self.top_k, self.impl = top_k, impl
         self.router = TopkRouter(dim, num_experts)
         self.experts = nn.ModuleList(Expert(dim) for _ in range(num_experts))
+        self._init_state(top_k, impl)
+
+    def _init_state(self, top_k: int, impl: str | None = None) -> None:
+        self.top_k, self.impl = top_k, impl
         self._cache = None  # (parameter versions, stacked weights): see stacked
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -355,14 +368,6 @@ class FusedForward:
 
     def forward_head(self, f3: Tensor, f4: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(f3 (B, h3, w3, C3), f4 (B, h4, w4, C4)) NHWC -> (score (B, 1), aux (), z ())."""
-        device_type = f4.device.type
-        if not _is_reference(self.impl) and torch.is_autocast_enabled(device_type):
-            # The fused ops take one dtype for all their inputs, which autocast's per-op casts would mix (a
-            # bf16 memory, an fp32 query): under autocast the head runs in its parameters' dtype, the
-            # backbone (~99% of the FLOP) in the autocast dtype. impl="reference" follows autocast op by op.
-            dtype = self.fc.weight.dtype
-            with torch.autocast(device_type, enabled=False):
-                return self.forward_head(f3.to(dtype), f4.to(dtype))
         B = f4.shape[0]
         if _is_reference(self.impl):  # the authors' order: 1x1 conv over every position, then the mean
             g = self.proj_layer4(f4.permute(0, 3, 1, 2)).flatten(2).mean(dim=2)  # (B, D)
@@ -492,173 +497,7 @@ class LifeIQA(FusedForward, nn.Module):
 
         return from_pretrained(name_or_dir, **kwargs)
 
-def _checkpoint_globals() -> dict[str, object]:
-    """Every global beyond torch's own that a checkpoint file may name, exactly, with what each loads as.
-    The authors' checkpoints hold a numpy float64 (max_plcc, from scipy) and their yacs config: numpy's
-    scalar reconstructor (its module is numpy.core in numpy 1, numpy._core in numpy 2) and numpy.dtype
-    load as themselves, they build data and call nothing else; the yacs CfgNode loads as an OrderedDict,
-    its items and attributes as data, so no yacs code runs. Nothing is allowed by prefix."""
-    import numpy as np
 
-    core = getattr(np, "_core", None) or np.core
-    return {"numpy.core.multiarray.scalar": core.multiarray.scalar,
-            "numpy._core.multiarray.scalar": core.multiarray.scalar,
-            "numpy.dtype": np.dtype,
-            "yacs.config.CfgNode": OrderedDict}
-
-
-def _load_weights_only(path, map_location):
-    """torch.load(weights_only=True), and if the file names globals beyond torch's own, again with those
-    of _checkpoint_globals allowed; pickle.UnpicklingError naming every other global it names (a pickle
-    that calls os.system, numpy.savetxt or importlib.import_module is refused, not run)."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        known = _checkpoint_globals()
-        named = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        if not named:  # refused for another reason
-            raise
-        refused = [name for name in named if name not in known]
-        if refused:
-            raise pickle.UnpicklingError(
-                f"refused: it names {', '.join(refused)}, beyond the weights, tensors, numpy scalars and yacs "
-                f"config a checkpoint holds; unpickling that could run code") from None
-        import numpy as np
-
-        # numpy.dtype(...) returns an instance of a DType class (np.dtypes.Float64DType, ...), which the
-        # unpickler then sets the state of: those classes too (they only make dtypes)
-        dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-        with torch.serialization.safe_globals([(known[name], name) for name in named] + dtypes):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _infer_config(state_dict: Mapping[str, Tensor]) -> dict:
-    layers = {int(k.split(".")[2]) for k in state_dict if k.startswith("bunch_decoder.layers.")}
-    experts = {int(k.split(".")[2]) for k in state_dict if k.startswith("MOE.experts.")}
-    if not layers or "bunch_embedding" not in state_dict:
-        raise ValueError("lifeiqa_fast.load_checkpoint: not a Life-IQA state dict (no bunch_embedding or "
-                         "bunch_decoder.layers.* keys)")
-    cfg = dict(depth=max(layers) + 1, num_experts=max(experts) + 1 if experts else 1,
-               adjacency="learnable" if "bunch_decoder.layers.0.adj" in state_dict else "fixed")
-    _, cfg["num_queries"], cfg["embed_dim"] = state_dict["bunch_embedding"].shape
-    return cfg
-
-
-# The LifeIQA arguments a checkpoint's own config (save_checkpoint's LIFEIQA_FAST) sets: the model's shape
-# and backbone. Not pretrained, nor a timm argument naming a file or a download: a checkpoint's weights
-# are its state dict, and only the caller's arguments name files.
-_SAVED_ARGUMENTS = ("num_experts", "top_k", "depth", "num_queries", "embed_dim", "num_heads", "backbone",
-                    "backbone_kwargs", "adjacency")
-_WEIGHT_SOURCES = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
-
-
-def _saved_arguments(saved, where: str) -> dict:
-    """The LifeIQA arguments of a checkpoint's LIFEIQA_FAST config, checked: ValueError naming the checkpoint
-    (where) and the key for anything but _SAVED_ARGUMENTS, or a backbone_kwargs key naming weights."""
-    if not isinstance(saved, Mapping):
-        raise ValueError(f"lifeiqa_fast.load_checkpoint: {where}: its config's LIFEIQA_FAST must be a mapping of "
-                         f"LifeIQA arguments, got {type(saved).__name__}")
-    unknown = [key for key in saved if key not in _SAVED_ARGUMENTS]
-    kwargs = saved.get("backbone_kwargs") or {}
-    sources = [key for key in kwargs if key in _WEIGHT_SOURCES] if isinstance(kwargs, Mapping) else []
-    if unknown or sources:
-        raise ValueError(
-            f"lifeiqa_fast.load_checkpoint: {where}: its config's LIFEIQA_FAST holds "
-            f"{', '.join(map(repr, unknown + [f'backbone_kwargs.{k}' for k in sources]))}; a checkpoint may set "
-            f"only {', '.join(_SAVED_ARGUMENTS)} (never where weights come from: they are its state dict; pass "
-            f"other LifeIQA arguments to load_checkpoint yourself)")
-    return dict(saved)
-
-
-def config_value(config: Mapping, path: str):
-    """config's value at a dotted path of the authors' yacs config ("DATA.DATASET"), or None."""
-    for key in path.split("."):
-        config = config.get(key) if isinstance(config, Mapping) else None
-    return config
-
-
-def _why_unreadable(path: str, exc: Exception) -> str:
-    """What a file that torch.load refused looks like, for an error message a user can act on (torch's own
-    message can be a bare number: a text file gives "101")."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if not head:
-        return "the file is empty"
-    if head.startswith(b"PK"):
-        what = "a zip archive, as torch.save writes, but damaged or cut short"
-    elif head.startswith(b"\x80"):
-        what = "a pickle, but damaged or cut short"
-    elif head[:1] == b"{" or head[8:9] == b"{":
-        what = "possibly a safetensors or JSON file, not a torch.save file"
-    else:
-        what = "not a torch.save file (neither a zip archive nor a pickle)"
-    return f"{what} ({type(exc).__name__}: {exc})"
-
-
-def load_checkpoint(path_or_dict, map_location="cpu", **overrides) -> LifeIQA:
-    """Build a LifeIQA from an official checkpoint and load its weights strictly.
-
-    path_or_dict: a file saved by the authors' code ({'model': state_dict, 'optimizer': ..., ...}), a
-    bare state dict, or either already loaded. num_experts, depth, num_queries and embed_dim are read
-    from the keys, top_k from the authors' config saved beside them (MODEL.SWIN.TOP_K; default 2);
-    any LifeIQA argument can be overridden; a file written by save_checkpoint also carries the
-    LifeIQA arguments it was built with (backbone included). The saved config, as nested dicts ({}
-    if none), is kept as model.checkpoint_config (the Scorer reads its DATA.DATASET). Files load with
-    weights_only=True plus exactly the numpy and yacs globals of the authors' files
-    (_checkpoint_globals): a file naming any other global is refused, naming it. The saved config sets
-    only the model's shape and backbone (_saved_arguments), never a file to read. A key mismatch
-    raises an error listing the missing and unexpected keys.
-    """
-    if isinstance(path_or_dict, Mapping):
-        checkpoint, where = path_or_dict, "the checkpoint given"
-    else:
-        path = os.fspath(path_or_dict)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"lifeiqa_fast.load_checkpoint: no checkpoint file at {path}")
-        where = f"checkpoint {path}"
-        try:
-            checkpoint = _load_weights_only(path, map_location)
-        except Exception as exc:
-            raise ValueError(f"lifeiqa_fast.load_checkpoint: cannot read {path} as a torch checkpoint (a file "
-                             f"written by torch.save, as the authors' training writes them): {_why_unreadable(path, exc)}"
-                             ) from exc
-    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
-    if not isinstance(state_dict, Mapping):
-        raise ValueError("lifeiqa_fast.load_checkpoint: expected a state dict or a dict with a 'model' state dict")
-    saved = checkpoint.get("config") if "model" in checkpoint else None
-    saved = saved if isinstance(saved, Mapping) else {}
-    top_k = config_value(saved, "MODEL.SWIN.TOP_K")
-    ours = _saved_arguments(config_value(saved, "LIFEIQA_FAST") or {}, where)
-    config = {**_infer_config(state_dict), **({"top_k": int(top_k)} if top_k else {}), **ours, **overrides}
-    try:
-        model = LifeIQA(**config)
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"lifeiqa_fast.load_checkpoint: {where}: LifeIQA({config}): {exc}") from exc
-    model.checkpoint_config = saved
-    # A state dict records the head's sizes (read above) but not which backbone made its stage maps.
-    hint = "" if "backbone" in config else (
-        "\n  If the model was trained with another backbone than Swin-B, name it: load_checkpoint(..., "
-        "backbone=\"resnet50\") (any timm name; a bare state dict or the authors' config does not record it)")
-    try:
-        result = model.load_state_dict(state_dict, strict=False)
-    except RuntimeError as exc:  # a size mismatch
-        raise ValueError(f"lifeiqa_fast.load_checkpoint: {where} does not match LifeIQA({config}): {exc}{hint}") from exc
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"lifeiqa_fast.load_checkpoint: {where} does not match LifeIQA({config}):\n"
-            f"  missing keys ({len(result.missing_keys)}): {result.missing_keys}\n"
-            f"  unexpected keys ({len(result.unexpected_keys)}): {result.unexpected_keys}{hint}"
-        )
-    return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
-
-
-# The attributes optimize() reads, as the authors' Life_models has them (docs/model.md).
-_LAYOUT = ("backbone_stages", "bunch_embedding", "proj_layer3", "proj_layer4", "UPP_layer3", "bunch_decoder.layers",
-           "norm3", "gamma", "dropout3", "fc", "MOE")
-_LAYER_LAYOUT = ("GCN.gcn1.weight", "GCN.gcn1.bias", "GCN.gcn2.weight", "GCN.gcn2.bias", "GCN.gcn3.weight",
-                 "GCN.gcn3.bias", "norm2.weight", "norm2.bias", "multihead_attn.in_proj_weight",
-                 "multihead_attn.in_proj_bias", "multihead_attn.out_proj.weight", "multihead_attn.out_proj.bias")
-_MOE_LAYOUT = ("router.linear.weight", "router.linear.bias", "experts")
 _FAST_CLASSES: dict[type, type] = {}
 
 
@@ -674,198 +513,3 @@ def _new_fast(cls: type):
     name (it is made at run time); its state is set by pickle afterwards."""
     return object.__new__(_fast_class(cls))
 
-
-def _missing(module, paths) -> list[str]:
-    missing = []
-    for path in paths:
-        obj = module
-        for name in path.split("."):
-            obj = getattr(obj, name, None)
-        if obj is None:
-            missing.append(path)
-    return missing
-
-
-def _layer_graph(layer: nn.Module, where: str, num_queries: int) -> Tensor | None:
-    """The graph a decoder layer's GCN multiplies by, read from what the layer holds: None for the fixed
-    graph D^-1/2 (J + I) D^-1/2, else an (N, N) tensor.
-
-    - `adj` an nn.Parameter: lifeiqa_fast's learnable variant, used as it is.
-    - `adj_norm` a plain tensor: the authors' layer, whose forward uses adj_norm (their `adj` is the
-      unnormalised all-ones J, which their forward never multiplies by). The fixed graph when it equals
-      it to float rounding (their normalize_adj in float32), else used as given.
-    - neither: the fixed graph. A plain `adj` tensor without `adj_norm` is ambiguous (normalised or not?)
-      and refused.
-    """
-    adj = getattr(layer, "adj", None)
-    if isinstance(adj, nn.Parameter):
-        return adj
-    graph = getattr(layer, "adj_norm", None)
-    if graph is None:
-        if adj is not None:
-            raise ValueError(f"lifeiqa_fast.optimize: {where}.adj is a tensor but not a parameter and there is no "
-                             f"{where}.adj_norm: cannot tell which graph the layer's forward uses")
-        return None
-    if not isinstance(graph, Tensor) or tuple(graph.shape) != (num_queries, num_queries):
-        shape = tuple(graph.shape) if isinstance(graph, Tensor) else type(graph).__name__
-        raise ValueError(f"lifeiqa_fast.optimize: {where}.adj_norm must be an (N, N) = {(num_queries, num_queries)} "
-                         f"tensor (N: bunch_embedding's queries), got {shape}")
-    fixed = reference.fixed_adjacency(num_queries, torch.float64)
-    if torch.allclose(graph.detach().to("cpu", torch.float64), fixed, rtol=0, atol=1e-6):
-        return None
-    return graph.detach()
-
-
-def _unsupported(model: nn.Module) -> list[str]:
-    """Settings of an authors'-layout model that its own forward honours and FusedForward does not (the
-    authors' configuration has none of them): optimize() refuses them instead of computing something else."""
-    found = []
-    if getattr(model.bunch_decoder, "norm", None) is not None:
-        found.append("bunch_decoder.norm is set (the fused decoder ends without a norm, as the authors' does)")
-    conv = model.proj_layer4
-    if isinstance(conv, nn.Conv2d) and (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != (
-            (1, 1), (1, 1), (0, 0), (1, 1), 1):
-        found.append("proj_layer4 is not a plain 1x1 convolution")
-    for i, layer in enumerate(model.bunch_decoder.layers):
-        where, attn = f"bunch_decoder.layers.{i}", layer.multihead_attn
-        for name in ("dropout1", "dropout2"):
-            p = getattr(getattr(layer, name, None), "p", 0.0)
-            if p:
-                found.append(f"{where}.{name}.p = {p} (the fused decoder layer has no dropout; the authors' is 0)")
-        if getattr(attn, "dropout", 0.0):
-            found.append(f"{where}.multihead_attn.dropout = {attn.dropout} (attention dropout must be 0)")
-        if not getattr(attn, "batch_first", True):
-            found.append(f"{where}.multihead_attn.batch_first is False (the decoder's tokens are batch first)")
-        if (getattr(attn, "bias_k", None) is not None or getattr(attn, "bias_v", None) is not None
-                or getattr(attn, "add_zero_attn", False)):
-            found.append(f"{where}.multihead_attn has bias_k/bias_v or add_zero_attn")
-    moe = model.MOE
-    if hasattr(moe, "net"):
-        act = moe.net[1] if len(moe.net) == 4 else None
-        if not (isinstance(act, nn.GELU) and act.approximate == "none" and isinstance(moe.net[3], nn.Dropout)):
-            found.append("MOE.net is not Linear -> GELU -> Linear -> Dropout")
-        return found
-    experts = len(moe.experts)
-    if getattr(moe, "n_exp", experts) != experts:
-        found.append(f"MOE.n_exp = {moe.n_exp} but MOE.experts has {experts} experts")
-    top_k = _moe_top_k(moe)
-    if not isinstance(top_k, int) or not 1 <= top_k <= experts:
-        found.append(f"MOE.router.top_k must be an int in [1, {experts}], got {top_k!r}")
-    for e, expert in enumerate(moe.experts):
-        net = getattr(expert, "net", None)
-        if not (isinstance(net, nn.Sequential) and len(net) == 4 and isinstance(net[0], nn.Linear)
-                and isinstance(net[1], nn.ReLU) and isinstance(net[2], nn.Dropout) and isinstance(net[3], nn.Linear)):
-            found.append(f"MOE.experts.{e}.net is not Linear -> ReLU -> Dropout -> Linear")
-        elif net[2].p != moe.experts[0].net[2].p:
-            found.append(f"MOE.experts.{e}.net.2.p = {net[2].p} differs from expert 0's {moe.experts[0].net[2].p}")
-    return found
-
-
-def _moe_top_k(moe: nn.Module):
-    """The k the MoE routes with: the authors' forward takes its router's top_k (their SparseMoE also
-    stores a top_k of its own, which it never reads); ours has only MOE.top_k."""
-    router_k = getattr(moe.router, "top_k", None)
-    return router_k if router_k is not None else getattr(moe, "top_k", None)
-
-
-def _retype(module: nn.Module, cls: type, **attributes) -> None:
-    """Give module the class cls in place (its parameters, buffers and children stay the same objects),
-    then set the attributes cls's methods read that cls.__init__ would have set."""
-    module.__class__ = cls
-    for name, value in attributes.items():
-        setattr(module, name, value)
-
-
-def _set_graph(layer: nn.Module, graph: Tensor | None) -> None:
-    """Make graph the layer's `adj`, which DecoderLayer.forward reads: a parameter stays as it is; a
-    plain tensor (the authors' edited adj_norm) becomes a buffer outside the state dict, so that it
-    follows .to() and .half() with the model; None (the fixed graph) replaces the authors' all-ones J."""
-    if isinstance(graph, nn.Parameter):
-        return
-    if "adj" in layer.__dict__:
-        del layer.__dict__["adj"]
-    if graph is None:
-        layer.adj = None
-    else:
-        weight = layer.norm2.weight
-        layer.register_buffer("adj", graph.to(weight.device, weight.dtype).clone(), persistent=False)
-
-
-def optimize(model: nn.Module, impl: str = "auto") -> nn.Module:
-    """Switch a Life-IQA model's head to lifeiqa_fast's fused ops, in place, and return it.
-
-    model: a LifeIQA, or any module with the authors' attribute layout (their Life_models: the
-    attributes backbone_stages, bunch_embedding, proj_layer3, proj_layer4, UPP_layer3,
-    bunch_decoder.layers[i].{GCN.gcn1..3, norm2, multihead_attn}, MOE.{router.linear, router.top_k,
-    experts} (or MOE.net for one expert), norm3, gamma, dropout3, fc); the authors' package need not
-    be installed. Every parameter stays the same object under the same state-dict key; only the
-    classes of the model and of its head modules change (the model's becomes a subclass of its own,
-    so isinstance checks still hold), and the forward pass becomes FusedForward's: the same outputs,
-    to float rounding, and the same gradients.
-
-    What the authors' modules hold outside their state dict is read, not assumed: each decoder layer's
-    graph from its adj_norm (the fixed graph when it is that, else the tensor as given; their
-    unnormalised all-ones `adj` is replaced by it), the routing k from MOE.router.top_k, the UPP grid
-    from UPP_layer3.pool_size, the expert dropout and LayerNorm eps from their modules. Settings that
-    the authors' forward would honour and the fused head cannot (decoder dropout, a final decoder norm,
-    attention bias_k, ...) raise a ValueError naming them. impl: as LifeIQA's ("reference" computes the
-    authors' way again). On an optimised model it only sets impl.
-    """
-    if impl is not None:
-        _check_impl(impl)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"lifeiqa_fast.optimize: model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(model, FusedForward):
-        missing = _missing(model, _LAYOUT)
-        layers = getattr(getattr(model, "bunch_decoder", None), "layers", None) or []
-        missing += [f"bunch_decoder.layers.{i}.{p}" for i, layer in enumerate(layers)
-                    for p in _missing(layer, _LAYER_LAYOUT)]
-        moe = getattr(model, "MOE", None)
-        if moe is not None and not hasattr(moe, "net"):
-            missing += [f"MOE.{p}" for p in _missing(moe, _MOE_LAYOUT)]
-        if missing:
-            raise ValueError(f"lifeiqa_fast.optimize: {type(model).__name__} does not have the authors' Life-IQA "
-                             f"layout; missing: {', '.join(missing)}")
-        unsupported = _unsupported(model)
-        if unsupported:
-            raise ValueError(f"lifeiqa_fast.optimize: {type(model).__name__} computes what the fused head cannot: "
-                             + "; ".join(unsupported))
-        num_queries = model.bunch_embedding.shape[-2]
-        graphs = [_layer_graph(layer, f"bunch_decoder.layers.{i}", num_queries)
-                  for i, layer in enumerate(model.bunch_decoder.layers)]
-        _retype(model.UPP_layer3, GridPool, grid=getattr(model.UPP_layer3, "pool_size", 7))
-        for layer, graph in zip(model.bunch_decoder.layers, graphs):
-            _retype(layer, DecoderLayer)
-            _set_graph(layer, graph)
-        _retype(model.bunch_decoder, Decoder, _cache=None, strategy=None)
-        if hasattr(moe, "net"):
-            _retype(moe, MLP)
-        else:
-            _retype(moe, SparseMoE, _cache=None, top_k=_moe_top_k(moe))
-        model.__class__ = _fast_class(type(model))
-    model.impl = impl
-    return model
-
-
-def save_checkpoint(model: LifeIQA, path, **extra) -> None:
-    """Write model (a LifeIQA, or one wrapped by torch.compile or DistributedDataParallel) in the
-    authors' checkpoint format, atomically (a temporary file, then a rename):
-    {'model': state dict, 'config': {'MODEL': {'SWIN': {'NUM_EXPERTS', 'TOP_K', 'DEPTH', 'EMBED_DIM',
-    'JUERY_NUMS'}}, 'LIFEIQA_FAST': model.config}, **extra} (extra: 'optimizer', 'lr_scheduler',
-    'epoch', 'max_plcc', ...; a 'config' mapping there is merged). load_checkpoint rebuilds the
-    model from it, backbone included; the authors' code reads its 'model'."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
-    model = getattr(model, "module", model)  # DistributedDataParallel's
-    c = model.config
-    swin = dict(NUM_EXPERTS=c["num_experts"], TOP_K=c["top_k"], DEPTH=c["depth"], EMBED_DIM=c["embed_dim"],
-                JUERY_NUMS=c["num_queries"])
-    given = dict(extra.pop("config", None) or {})
-    config = {**given, "MODEL": {**dict(given.get("MODEL", {})), "SWIN": swin}, "LIFEIQA_FAST": dict(c)}
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save({"model": model.state_dict(), "config": config, **extra}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -29,8 +29,8 @@ FORMAT = "lifeiqa_fast/pretrained-1"
 def _preprocessing(model: nn.Module, dataset: str | None) -> dict:
     """What a model expects of an image: the resize its training used (its checkpoint config's
     DATA.RESIZE, else the authors' protocol for its dataset), the crops, the normalisation."""
-    from .model import config_value
-    from .scorer import CROP, MEAN, RESIZED_DATASETS, STD
+    from .checkpoint import config_value
+    from .images import CROP, MEAN, RESIZED_DATASETS, STD
     from .train import PRESETS
 
     saved = getattr(model, "checkpoint_config", None) or {}
@@ -146,7 +146,8 @@ def from_pretrained(name_or_dir: str | os.PathLike, revision: str | None = None,
     overrides: LifeIQA arguments to change (impl, ...). The weights load strictly; config.json may set
     the model's shape and backbone only, never a file to read (as load_checkpoint's configs).
     model.checkpoint_config records the dataset and resize for Scorer, model.pretrained_config the file."""
-    from .model import LifeIQA, _saved_arguments
+    from .checkpoint import _saved_arguments
+    from .model import LifeIQA
 
     directory = resolve(name_or_dir, revision, cache_dir)
     config = read_config(directory)
@@ -179,7 +180,7 @@ def from_pretrained(name_or_dir: str | os.PathLike, revision: str | None = None,
 def load_model(source, **kwargs):
     """A LifeIQA from any source a user names: a save_pretrained folder or Hub repo id
     (from_pretrained), else a checkpoint file (load_checkpoint: the authors' .pth, ours, a state dict)."""
-    from .model import load_checkpoint
+    from .checkpoint import load_checkpoint
 
     if isinstance(source, Mapping):
         return load_checkpoint(source, **kwargs)

@@ -4,8 +4,8 @@
 the train side of a split and evaluates the test side after every epoch; `repeats` runs use the
 splits of seeds split_seed, split_seed + 1, ... and the summary gives the median over runs.
 
-What follows the authors' code (their main.py and configs/swin/*.yaml): the loss SmoothL1(score,
-mos) + 0.01 aux + 0.001 z; AdamW (betas 0.9/0.999, eps 1e-8) with no weight decay on 1-D parameters
+What follows the authors' code (their main.py and configs/swin/*.yaml): the loss (lifeiqa_fast.loss.
+training_loss) SmoothL1(score, mos) + 0.01 aux + 0.001 z; AdamW (betas 0.9/0.999, eps 1e-8) with no weight decay on 1-D parameters
 and biases; the learning rate stepped per iteration, linear warm-up from WARMUP_LR over the first
 WARMUP_EPOCHS, then x0.1 every DECAY_EPOCHS (counted from the first iteration) or cosine to MIN_LR;
 grad-norm clip 5; fp16 autocast with loss scaling on CUDA; each training image seen PATCH_NUM times
@@ -39,15 +39,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .metrics import evaluate as correlations
 from .distributed import join, local_device, sharded
-from .model import LifeIQA, save_checkpoint
+from .loss import training_loss
+from .checkpoint import save_checkpoint
+from .model import LifeIQA
 from .pretrained import load_model, save_pretrained
 from .scale import dataset_of
-from .scorer import CROP, MEAN, STD, RESIZED_DATASETS, ImageError, Scorer, image_tensor
+from .images import CROP, MEAN, STD, RESIZED_DATASETS, ImageError, image_tensor
+from .scorer import Scorer
 
 # The authors' configs/swin/<dataset>.yaml; every run: 30 epochs, 2 warm-up, weight decay 0.01, top-2.
 PRESETS = {
@@ -84,7 +86,7 @@ def read_config_file(path) -> dict:
     (DATA.BATCH_SIZE, TRAIN.BASE_LR, ...: AUTHORS_KEYS)."""
     import yaml  # a dependency of timm's
 
-    from .model import config_value
+    from .checkpoint import config_value
 
     text = Path(path).read_text()
     data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
@@ -365,7 +367,7 @@ def train_run(config: TrainConfig, train_records, test_records, run_dir: Path, r
             with torch.autocast(device.type, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp, torch.float32),
                                 enabled=amp != "none"):
                 score, aux, z = net(x)
-            loss = F.smooth_l1_loss(score.float(), y.unsqueeze(1)) + 0.01 * aux + 0.001 * z
+            loss = training_loss(score, y, aux, z)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)

@@ -15,7 +15,7 @@ import torch
 import lifeiqa_fast
 from lifeiqa_fast.export import INPUT_CONTRACT, onnx_scores, onnx_session
 from lifeiqa_fast.scale import scale_of
-from lifeiqa_fast.scorer import MEAN, STD
+from lifeiqa_fast.images import MEAN, STD
 
 from test_model import tiny
 from test_optimize import authors_model

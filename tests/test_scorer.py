@@ -15,7 +15,7 @@ from PIL import Image
 
 import lifeiqa_fast
 from lifeiqa_fast import Scorer
-from lifeiqa_fast.scorer import crop_corners, find_images, image_tensor, resize_image
+from lifeiqa_fast.images import crop_corners, find_images, image_tensor, resize_image
 
 from test_model import tiny
 
@@ -482,9 +482,9 @@ def test_scores_of_a_tensor_are_on_its_device(model, tmp_path):
 def test_errors_raise_stops_at_the_unreadable_file(model, tmp_path):
     Image.fromarray(hwc(photo("chelsea", 224, 224))).save(tmp_path / "a.png")
     (tmp_path / "b.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(lifeiqa_fast.scorer.ImageError, match="cannot read .*b.jpg"):
+    with pytest.raises(lifeiqa_fast.images.ImageError, match="cannot read .*b.jpg"):
         Scorer(model, dtype="fp32", errors="raise")(tmp_path)
-    with pytest.raises(lifeiqa_fast.scorer.ImageError, match="b.jpg"):
+    with pytest.raises(lifeiqa_fast.images.ImageError, match="b.jpg"):
         Scorer(model, dtype="fp32", errors="raise").score_files(tmp_path)
 
 

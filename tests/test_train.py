@@ -112,7 +112,7 @@ def test_resumed_run_equals_uninterrupted(synthetic, tmp_path, monkeypatch, unin
 KILLED_CHILD = """
 import json, os, signal, sys
 import torch
-import lifeiqa_fast.model
+import lifeiqa_fast.checkpoint
 import lifeiqa_fast
 import lifeiqa_fast.train as training
 from lifeiqa_fast.scale import dataset_of
@@ -141,7 +141,7 @@ if point == "data":
 elif point == "step":
     torch.optim.AdamW.step = dies(torch.optim.AdamW.step, after=True)
 elif point == "save":
-    lifeiqa_fast.model.torch.save = dies(torch.save, after=True)
+    lifeiqa_fast.checkpoint.torch.save = dies(torch.save, after=True)
 train(TrainConfig.preset("synthetic", root, **settings), resume=True)
 """
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import os
 
@@ -41,6 +42,49 @@ def get_default_impl() -> str:
 def requested(impl: str | None) -> str:
     """The implementation asked for: impl, or the process-wide default for None."""
     return impl if impl is not None else _default_impl
+
+
+# What every op but the reference computes in under torch.autocast: its floating inputs (bar float64) cast
+# to float32 and autocast off inside, as autocast treats layer_norm and softmax. One dtype whatever the
+# autocast dtype, and whichever implementation "auto" picks; the kernels accumulate in float32 anyway.
+AUTOCAST_DTYPE = torch.float32
+
+
+def _autocast_cast(value, device_type: str):
+    if isinstance(value, torch.Tensor):
+        eligible = value.is_floating_point() and value.dtype != torch.float64 and value.device.type == device_type
+        return value.to(AUTOCAST_DTYPE) if eligible else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_autocast_cast(v, device_type) for v in value)
+    return value
+
+
+def autocast_rule(op):
+    """Decorates a public op function op(x, ..., impl=None): under torch.autocast for x's device it runs
+    on its inputs cast to AUTOCAST_DTYPE with autocast off, unless the reference is asked for (which
+    follows autocast op by op, as the authors' modules do). The custom ops themselves get the same rule
+    from register_autocast, for callers of torch.ops.lifeiqa_fast.* and traced graphs."""
+    signature = inspect.signature(op)
+
+    @functools.wraps(op)
+    def run(x, *args, **kwargs):
+        device_type = x.device.type if isinstance(x, torch.Tensor) else None
+        if device_type is None or not torch.is_autocast_enabled(device_type):
+            return op(x, *args, **kwargs)
+        bound = signature.bind(x, *args, **kwargs)
+        if requested(bound.arguments.get("impl")) == "reference":
+            return op(x, *args, **kwargs)
+        with torch.autocast(device_type, enabled=False):
+            return op(*_autocast_cast(bound.args, device_type),
+                      **{k: _autocast_cast(v, device_type) for k, v in bound.kwargs.items()})
+
+    return run
+
+
+def register_autocast(op) -> None:
+    """The autocast rule of autocast_rule for a custom op (a name, OpOverload or custom_op), on CPU and CUDA."""
+    for device_type in ("cpu", "cuda"):
+        torch.library.register_autocast(op, device_type, AUTOCAST_DTYPE)
 
 
 def _check_impl(impl: str) -> str:

@@ -16,13 +16,14 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .. import _ext
 from ..reference import cross_attention_ref, mha_ref
 from ..triton import cross_attention as _triton
-from ._impl import (acc_dtype, check_like_x, check_tensors, faster_on_this_cpu, first_order_only, is_int,
-                    linear, requested, resolve, within_limits)
+from ._impl import (acc_dtype, autocast_rule, check_like_x, check_tensors, faster_on_this_cpu, first_order_only,
+                    is_int, linear, register_autocast, requested, resolve, within_limits)
 
 MAX_QUERIES = 64  # csrc/cross_attention.h, kAttnMaxQueries
 MAX_HEAD_DIM = 128  # csrc/cross_attention.h, kAttnMaxHeadDim
 
 
+@autocast_rule
 def cross_attention(x: Tensor, kv: Tensor, norm_weight: Tensor, norm_bias: Tensor, q_weight: Tensor,
                     q_bias: Tensor, out_weight: Tensor, out_bias: Tensor, num_heads: int, eps: float = 1e-5,
                     impl: str | None = None) -> Tensor:
@@ -55,6 +56,7 @@ def cross_attention(x: Tensor, kv: Tensor, norm_weight: Tensor, norm_bias: Tenso
     return op(x.contiguous(), kv, *(t.contiguous() for t in args), num_heads, float(eps))[0]
 
 
+@autocast_rule
 def attend_memory(x: Tensor, memory: Tensor, norm_weight: Tensor, norm_bias: Tensor, in_proj_weight: Tensor,
                   in_proj_bias: Tensor, out_weight: Tensor, out_bias: Tensor, num_heads: int,
                   eps: float = 1e-5, impl: str | None = None) -> Tensor:
@@ -287,6 +289,7 @@ def _fake_backward(grad, x, kv, norm_weight, norm_bias, q_weight, out_weight, q,
 def _register(forward_op, backward) -> None:
     torch.library.register_fake(forward_op)(_fake)
     torch.library.register_autograd(forward_op, backward, setup_context=_setup_context)
+    register_autocast(forward_op)
 
 
 _register(cross_attention_triton, _backward)
@@ -324,3 +327,5 @@ if _ext.LOADED:
     torch.library.register_fake("lifeiqa_fast::decoder_memory")(lambda x, *_: torch.empty_like(x))
     torch.library.register_autograd("lifeiqa_fast::attend_memory", _memory_backward,
                                     setup_context=_memory_setup_context)
+    register_autocast("lifeiqa_fast::attend_memory")
+    register_autocast("lifeiqa_fast::decoder_memory")

@@ -12,11 +12,13 @@ from torch import Tensor
 from .. import _ext
 from ..reference import fixed_adjacency, gcn_ref
 from ..triton import gcn as _triton
-from ._impl import agreed_size, check_like_x, check_tensors, constant, resolve, within_limits
+from ._impl import (agreed_size, autocast_rule, check_like_x, check_tensors, constant, register_autocast, resolve,
+                    within_limits)
 
 MAX_TOKENS = 32  # the kernels hold one accumulator per token (csrc/gcn.h, kGcnMaxTokens)
 
 
+@autocast_rule
 def gcn(x: Tensor, adj: Tensor | None, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor,
         impl: str | None = None) -> Tensor:
     """x + A(relu(A(relu(A(x w1) + b1) w2) + b2) w3) + b3, A multiplying over the token axis.
@@ -126,6 +128,7 @@ def _backward(ctx, grad, _grad_h1, _grad_h2):
 def _register(forward_op) -> None:
     torch.library.register_fake(forward_op)(_fake)
     torch.library.register_autograd(forward_op, _backward, setup_context=_setup_context)
+    register_autocast(forward_op)
 
 
 _register(gcn_triton)

@@ -13,11 +13,12 @@ from torch import Tensor
 from .. import _ext
 from ..reference import grid_pool_ref
 from ..triton import grid_pool as _triton
-from ._impl import acc_dtype, constant, is_int, resolve
+from ._impl import acc_dtype, autocast_rule, constant, is_int, register_autocast, resolve
 
 _LAYOUTS = ("nhwc", "nchw")
 
 
+@autocast_rule
 def grid_pool(x: Tensor, grid: int = 7, layout: str = "nhwc", impl: str | None = None) -> Tensor:
     """Mean of x over each of grid x grid bins, bins row-major (the authors' UPP layer).
 
@@ -140,6 +141,7 @@ def _register(forward_op, backward_op) -> None:
         return forward_op(grad_dx, ctx.grid), None, None, None
 
     torch.library.register_autograd(forward_op, backward, setup_context=_setup_context)
+    register_autocast(forward_op)
     torch.library.register_autograd(backward_op, backward_of_backward, setup_context=_setup_context_backward)
 
 

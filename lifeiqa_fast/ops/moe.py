@@ -14,8 +14,8 @@ from torch import Tensor
 
 from .. import _ext
 from ..reference import moe_ref
-from ._impl import (acc_dtype, agreed_size, check_like_x, check_tensors, faster_on_this_cpu, first_order_only,
-                    is_int, resolve)
+from ._impl import (acc_dtype, agreed_size, autocast_rule, check_like_x, check_tensors, faster_on_this_cpu,
+                    first_order_only, is_int, register_autocast, resolve)
 
 # Tokens up to which "dense" (every expert on every token) runs instead of "grouped" (tokens grouped
 # by expert, each expert on its own rows), per device type. CPU: grouped always; dense does E / k
@@ -24,6 +24,7 @@ from ._impl import (acc_dtype, agreed_size, check_like_x, check_tensors, faster_
 DENSE_MAX_TOKENS = {"cpu": 0}
 
 
+@autocast_rule
 def moe(x: Tensor, router_weight: Tensor, router_bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
         top_k: int, dropout_mask: Tensor | None = None, impl: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k routed mixture of experts on tokens x (T, D), D >= 1 -> (out (T, D), aux (), z ()).
@@ -184,7 +185,9 @@ def _fake_backward(grad, grad_aux, grad_z, x, router_weight, w1, w2, dropout_mas
 
 torch.library.register_fake(moe_triton)(_fake)
 torch.library.register_autograd(moe_triton, _backward, setup_context=_setup_context)
+register_autocast(moe_triton)
 if _ext.LOADED:
     torch.library.register_fake("lifeiqa_fast::moe")(_fake)
     torch.library.register_fake("lifeiqa_fast::moe_backward")(_fake_backward)
     torch.library.register_autograd("lifeiqa_fast::moe", _backward, setup_context=_setup_context)
+    register_autocast("lifeiqa_fast::moe")

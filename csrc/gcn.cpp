@@ -90,9 +90,8 @@ void propagate(at::Tensor& h, const at::Tensor& adj, const at::Tensor& bias, boo
 }
 
 // ---- fp32 and bf16: each layer is one parallel pass over blocks of 24 output columns (no separate GEMM: at
-// Life-IQA's sizes BLAS pays overheads on 6-row products, and loses even at batch 64, measured on a
-// 2-core AVX2 machine: 2x faster than the authors' bmm at batch 1, ~97% of a large GEMM's FLOP/s at
-// batch 32). A task computes its columns for every token of an
+// Life-IQA's sizes BLAS pays overheads on 6-row products, and loses even at batch 64: benchmarks/results/,
+// gcn rows). A task computes its columns for every token of an
 // image with a register-blocked kernel (3 rows x 24 columns of accumulators), then applies the graph,
 // the bias, the ReLU and the residual to them before storing: one pass per layer, nothing in between.
 

@@ -118,9 +118,9 @@ class DecoderLayer(nn.Module):
 
 # How the fused decoder attends, per device type (Decoder.strategy None): "kv", every layer's keys and
 # values from one GEMM then the fused cross_attention op per layer; or "memory", ops.attend_memory per
-# layer. Measured with benchmarks/run.py (decoder rows, "native" and "native-kv"): on a 2-core x86 CPU
-# the K/V GEMM alone takes 0.68 ms of the kv stack's 1.4 ms at batch 1 and 19 of 25 ms at batch 32,
-# while "memory" does the whole stack in ~3x fewer FLOP. GPUs, and any other device, take "kv".
+# layer. On the CPU "memory" is faster at every batch (benchmarks/run.py's decoder rows, "native-memory"
+# and "native-kv"; figures in benchmarks/results/): the K/V GEMM alone costs more than the whole stack
+# does that way, in ~3x fewer FLOP. GPUs, and any other device, take "kv".
 DECODER_STRATEGY = {"cpu": "memory"}
 
 
@@ -134,8 +134,8 @@ class Decoder(nn.Module):
       bias, which is exact: the keys' bias adds q . b_k to every score of a query row, which the
       softmax cancels; the values' bias adds b_v to every attention output row (each row of P sums to
       1), which out_proj maps to the constant W_o b_v, folded into out_proj's bias. (A biased GEMM first
-      writes the bias over the whole (B * Nk, L * 2D) output: 20% of the stack's time at batch 32 on a
-      2-core CPU.)
+      writes the bias over the whole (B * Nk, L * 2D) output: one more pass over the stack's largest
+      tensor.)
     - "memory": per layer gcn and ops.attend_memory, which never forms the keys and values.
     """
 
@@ -470,7 +470,7 @@ class LifeIQA(FusedForward, nn.Module):
         self.pretrain_model = _create_backbone(backbone, pretrained, self.config["backbone_kwargs"])
         stages, self.nhwc_stages = _backbone_stages(self.pretrain_model, backbone)
         self.backbone_stages = nn.ModuleList(stages)
-        if not self.nhwc_stages:  # oneDNN and cuDNN convolutions run faster in NHWC (CPU: ~1.15x)
+        if not self.nhwc_stages:  # oneDNN and cuDNN convolutions run faster in NHWC
             self.pretrain_model.to(memory_format=torch.channels_last)
         stage_channels = [info["num_chs"] for info in self.pretrain_model.feature_info][-2:]
 

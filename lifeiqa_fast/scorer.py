@@ -58,7 +58,7 @@ def auto_resize(model: nn.Module, dataset: str | None, who: str = "lifeiqa_fast.
 
 def _default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPUs that have it (else fp16) and on CPUs with native bf16 (AVX512-BF16 or AMX) where
-    it is ~2.8x faster than fp32 for Swin-B; fp32 elsewhere."""
+    it is about twice as fast as fp32 (benchmarks/results/, scorer rows); fp32 elsewhere."""
     if device.type == "cuda":  # native bf16 from Ampere (sm_80) on; older GPUs would emulate it
         return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):

@@ -240,12 +240,11 @@ def cpu_capability() -> str:
 # Where "auto" on the CPU gives the native kernel's place to the reference (the authors' ATen calls) because
 # the reference was faster there: per CPU capability, (op, dtype) -> the fewest rows (query rows B * Nq,
 # tokens T) from which it was. Measured with benchmarks/run.py, the op's rows at 1, 8, 32 and 64 images
-# of 6 query tokens, native against eager, in two runs (the second is
-# benchmarks/results/2026-12-07-cpu-avx512bf16-sweep.md): on a 2-core AMD EPYC with AVX-512 and native
-# bf16, oneDNN's bf16 GEMMs and the fused CPU attention that SDPA runs beat the native cross_attention
-# from 8 images in bf16 (0.86x, 0.95x) and from 32 in fp32 (1.04x then 0.91x at 32; 0.87x, 0.83x at 64),
-# and the authors' per-expert loop beats the native moe from 32 images in bf16 (0.95x twice; 0.82x, 0.80x
-# at 64). Capabilities not listed (AVX2 only, AMX) have no measured loss: the native kernel everywhere.
+# of 6 query tokens, native against eager, in two runs (benchmarks/results/2026-12-07-cpu-avx512bf16*.md):
+# with AVX-512 and native bf16, oneDNN's bf16 GEMMs and the fused CPU attention that SDPA runs beat the
+# native cross_attention from 8 images in bf16 and from 32 in fp32, and the authors' per-expert loop beats
+# the native moe from 32 images in bf16. Capabilities not listed (AVX2 only, AMX) have no measured loss:
+# the native kernel everywhere.
 CPU_REFERENCE_FROM = {
     "avx512_bf16": {("cross_attention", torch.bfloat16): 48, ("cross_attention", torch.float32): 192,
                     ("moe", torch.bfloat16): 192},
@@ -354,8 +353,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # F.linear on CPU with at most this many rows runs as W @ x^T: MKL packs the right-hand operand of a
-# GEMM per call, which for x @ W^T is the whole weight; measured on a 2-core x86 CPU, (6, 384) x
-# (384, 384) with a weight not in cache takes 47 us as F.linear and 31 us as W @ x^T (12 rows: no gain).
+# GEMM per call, which for x @ W^T is the whole weight (a third faster at Life-IQA's (6, 384) x (384, 384)
+# with the weight not in cache; no gain from 12 rows).
 FEW_ROWS = 8
 
 

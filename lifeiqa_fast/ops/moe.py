@@ -17,13 +17,6 @@ from ..reference import moe_ref
 from ._impl import (acc_dtype, agreed_size, autocast_rule, check_like_x, check_tensors, faster_on_this_cpu,
                     first_order_only, is_int, register_autocast, resolve)
 
-# Tokens up to which "dense" (every expert on every token) runs instead of "grouped" (tokens grouped
-# by expert, each expert on its own rows), per device type. CPU: grouped always; dense does E / k
-# times the FLOP and reads every expert's weights, grouped only the chosen experts' (measured with
-# benchmarks/run.py, moe rows "native-dense" and "native-grouped": grouped is faster from 6 tokens up).
-DENSE_MAX_TOKENS = {"cpu": 0}
-
-
 @autocast_rule
 def moe(x: Tensor, router_weight: Tensor, router_bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
         top_k: int, dropout_mask: Tensor | None = None, impl: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -47,11 +40,14 @@ def moe(x: Tensor, router_weight: Tensor, router_bias: Tensor, w1: Tensor, b1: T
         return out, aux.to(acc_dtype(x.dtype)), z.to(acc_dtype(x.dtype))
     if which == "composite":
         return moe_composite(x, router_weight, router_bias, w1, b1, w2, b2, top_k, dropout_mask)
-    dense = x.shape[0] <= DENSE_MAX_TOKENS.get(x.device.type, 0)
     weights = (t.contiguous() for t in (router_weight, router_bias, w1, b1, w2, b2))
     mask = None if dropout_mask is None else dropout_mask.contiguous()
     op = torch.ops.lifeiqa_fast.moe if which == "native" else moe_triton
-    return op(x.contiguous(), *weights, top_k, mask, dense)[:3]
+    # the "grouped" strategy (dense=False): tokens grouped by expert, each expert on its own rows. The ops'
+    # "dense" one (every chosen pair through its expert one by one on GPU, every expert on every token on
+    # CPU) is never faster on the CPU (benchmarks/results/, moe rows "native-dense" and "native-grouped")
+    # and not yet measured on GPUs.
+    return op(x.contiguous(), *weights, top_k, mask, False)[:3]
 
 
 def moe_composite(x: Tensor, router_weight: Tensor, router_bias: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,

@@ -114,27 +114,30 @@ void check_attend_memory_input(const at::Tensor& x, const at::Tensor& memory, co
                                const at::Tensor& norm_bias, const at::Tensor& in_proj_weight,
                                const at::Tensor& in_proj_bias, const at::Tensor& out_weight,
                                const at::Tensor& out_bias, int64_t num_heads) {
-  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "lifeiqa_fast.attend_memory: x must be a contiguous (B, Nq, D) "
-              "tensor, got ", x.sizes());
+  const char* op = "attend_memory";
+  TORCH_CHECK(x.dim() == 3 && at::isFloatingType(x.scalar_type()),
+              "lifeiqa_fast.attend_memory: x must be a floating (B, Nq, D) tensor, got ", dtype_text(x.scalar_type()),
+              " ", shape_text(x.sizes()));
   const int64_t B = x.size(0), D = x.size(2);
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "lifeiqa_fast.attend_memory: the CPU kernel takes float32 and bfloat16, got ", x.scalar_type());
   TORCH_CHECK(D >= 1 && num_heads >= 1 && D % num_heads == 0,
-              "lifeiqa_fast.attend_memory: num_heads must divide D = ", D, ", got num_heads=", num_heads);
+              "lifeiqa_fast.attend_memory: num_heads must be an int dividing D=", D, ", got ", num_heads);
   TORCH_CHECK(memory.dim() == 3 && memory.size(0) == B && memory.size(1) >= 1 && memory.size(2) == D,
-              "lifeiqa_fast.attend_memory: memory must have shape (B, Nk, D) with B = ", B, ", Nk >= 1, D = ", D,
-              ", got ", memory.sizes());
-  const std::pair<const at::Tensor*, std::vector<int64_t>> shapes[] = {
-      {&memory, memory.sizes().vec()}, {&norm_weight, {D}}, {&norm_bias, {D}}, {&in_proj_weight, {3 * D, D}},
-      {&in_proj_bias, {3 * D}}, {&out_weight, {D, D}}, {&out_bias, {D}}};
-  for (const auto& [t, shape] : shapes) {
-    TORCH_CHECK(t->sizes() == shape && t->is_contiguous(), "lifeiqa_fast.attend_memory: memory, norm_weight, "
-                "norm_bias, in_proj_weight (3D, D), in_proj_bias (3D,), out_weight (D, D) and out_bias must be "
-                "contiguous and of their shapes, D = ", D, ", got ", t->sizes());
-    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(),
-                "lifeiqa_fast.attend_memory: memory, weights and biases must have x's dtype and device (",
-                x.scalar_type(), ", ", x.device(), "), got ", t->scalar_type(), ", ", t->device());
-  }
+              "lifeiqa_fast.attend_memory: memory must have shape (B, Nk, D) with B=", B, ", Nk >= 1, D=", D,
+              ", got ", shape_text(memory.sizes()));
+  check_shape(op, "norm_weight", norm_weight, "(D,)", {D});
+  check_shape(op, "norm_bias", norm_bias, "(D,)", {D});
+  check_shape(op, "in_proj_weight", in_proj_weight, "(3D, D)", {3 * D, D});
+  check_shape(op, "in_proj_bias", in_proj_bias, "(3D,)", {3 * D});
+  check_shape(op, "out_weight", out_weight, "(D, D)", {D, D});
+  check_shape(op, "out_bias", out_bias, "(D,)", {D});
+  const NamedTensors tensors = {{"memory", &memory}, {"norm_weight", &norm_weight}, {"norm_bias", &norm_bias},
+                                {"in_proj_weight", &in_proj_weight}, {"in_proj_bias", &in_proj_bias},
+                                {"out_weight", &out_weight}, {"out_bias", &out_bias}};
+  check_like_x(op, x, tensors);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "lifeiqa_fast.attend_memory: the CPU kernel takes float32 and bfloat16, got ", dtype_text(x.scalar_type()));
+  check_contiguous(op, {{"x", &x}});
+  check_contiguous(op, tensors);
 }
 
 }  // namespace

@@ -12,6 +12,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "check.h"
+
 namespace lifeiqa_fast {
 
 constexpr int64_t kAttnMaxQueries = 64;   // query tokens per image
@@ -21,35 +23,32 @@ inline void check_cross_attention_input(const at::Tensor& x, const at::Tensor& k
                                         const at::Tensor& norm_bias, const at::Tensor& q_weight,
                                         const at::Tensor& q_bias, const at::Tensor& out_weight,
                                         const at::Tensor& out_bias, int64_t num_heads) {
-  TORCH_CHECK(x.dim() == 3, "lifeiqa_fast.cross_attention: x must have shape (B, Nq, D), got ", x.sizes());
+  const char* op = "cross_attention";
+  TORCH_CHECK(x.dim() == 3, "lifeiqa_fast.cross_attention: x must have shape (B, Nq, D), got ", shape_text(x.sizes()));
   const int64_t B = x.size(0), Nq = x.size(1), D = x.size(2);
-  TORCH_CHECK(Nq >= 1 && Nq <= kAttnMaxQueries, "lifeiqa_fast.cross_attention: x must have 1 <= Nq <= ",
-              kAttnMaxQueries, " query tokens, got Nq=", Nq);
-  TORCH_CHECK(D >= 1 && num_heads >= 1 && D % num_heads == 0 && D / num_heads <= kAttnMaxHeadDim,
-              "lifeiqa_fast.cross_attention: num_heads must divide D = ", D, " into heads of at most ",
-              kAttnMaxHeadDim, " channels, got num_heads=", num_heads);
+  TORCH_CHECK(Nq >= 1, "lifeiqa_fast.cross_attention: x must have Nq >= 1 query tokens, got Nq=", Nq);
+  check_floating(op, x);
+  TORCH_CHECK(D >= 1 && num_heads >= 1 && D % num_heads == 0,
+              "lifeiqa_fast.cross_attention: num_heads must be an int dividing D=", D, ", got ", num_heads);
   TORCH_CHECK(kv.dim() == 4 && kv.size(0) == B && kv.size(1) >= 1 && kv.size(2) == 2 && kv.size(3) == D,
-              "lifeiqa_fast.cross_attention: kv must have shape (B, Nk, 2, D) with B = ", B, ", Nk >= 1, D = ", D,
-              ", got ", kv.sizes());
-  TORCH_CHECK(kv.stride(3) == 1, "lifeiqa_fast.cross_attention: kv must be contiguous in its last dimension");
-  TORCH_CHECK(x.is_contiguous(), "lifeiqa_fast.cross_attention: x must be contiguous");
-  for (const at::Tensor* t : {&norm_weight, &norm_bias, &q_bias, &out_bias}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == D && t->is_contiguous(),
-                "lifeiqa_fast.cross_attention: norm_weight, norm_bias, q_bias, out_bias must be contiguous (D,) = (",
-                D, ",), got ", t->sizes());
-  }
-  for (const at::Tensor* t : {&q_weight, &out_weight}) {
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == D && t->size(1) == D && t->is_contiguous(),
-                "lifeiqa_fast.cross_attention: q_weight and out_weight must be contiguous (D, D) = (", D, ", ", D,
-                "), got ", t->sizes());
-  }
-  for (const at::Tensor* t : {&kv, &norm_weight, &norm_bias, &q_weight, &q_bias, &out_weight, &out_bias}) {
-    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(),
-                "lifeiqa_fast.cross_attention: kv, weights and biases must have x's dtype and device (",
-                x.scalar_type(), ", ", x.device(), "), got ", t->scalar_type(), ", ", t->device());
-  }
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "lifeiqa_fast.cross_attention: x must be a floating tensor, got ",
-              x.scalar_type());
+              "lifeiqa_fast.cross_attention: kv must have shape (B, Nk, 2, D) with B=", B, ", Nk >= 1, D=", D,
+              ", got ", shape_text(kv.sizes()));
+  check_shape(op, "norm_weight", norm_weight, "(D,)", {D});
+  check_shape(op, "norm_bias", norm_bias, "(D,)", {D});
+  check_shape(op, "q_weight", q_weight, "(D, D)", {D, D});
+  check_shape(op, "q_bias", q_bias, "(D,)", {D});
+  check_shape(op, "out_weight", out_weight, "(D, D)", {D, D});
+  check_shape(op, "out_bias", out_bias, "(D,)", {D});
+  check_like_x(op, x, {{"kv", &kv}, {"norm_weight", &norm_weight}, {"norm_bias", &norm_bias},
+                       {"q_weight", &q_weight}, {"q_bias", &q_bias}, {"out_weight", &out_weight},
+                       {"out_bias", &out_bias}});
+  TORCH_CHECK(Nq <= kAttnMaxQueries && D / num_heads <= kAttnMaxHeadDim, "lifeiqa_fast.cross_attention: the "
+              "kernels take at most ", kAttnMaxQueries, " query tokens (kAttnMaxQueries) and heads of at most ",
+              kAttnMaxHeadDim, " channels (kAttnMaxHeadDim), got Nq=", Nq, ", D / num_heads=", D / num_heads);
+  TORCH_CHECK(kv.stride(3) == 1, "lifeiqa_fast.cross_attention: the kernels take a kv contiguous in its last "
+              "dimension");
+  check_contiguous(op, {{"x", &x}, {"norm_weight", &norm_weight}, {"norm_bias", &norm_bias}, {"q_weight", &q_weight},
+                        {"q_bias", &q_bias}, {"out_weight", &out_weight}, {"out_bias", &out_bias}});
 }
 
 }  // namespace lifeiqa_fast

@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "check.h"
+
 #if defined(__CUDACC__)
 #define LIFEIQA_HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -36,13 +38,12 @@ LIFEIQA_HOST_DEVICE int64_t bin_of(int64_t h, int64_t n, int64_t g) {
 
 // The op's contract, checked by every backend before it launches.
 inline void check_grid_pool_input(const at::Tensor& x, int64_t grid) {
-  TORCH_CHECK(x.dim() == 4, "lifeiqa_fast.grid_pool: x must have shape (B, H, W, C), got ", x.sizes());
-  TORCH_CHECK(grid >= 1, "lifeiqa_fast.grid_pool: grid must be >= 1, got ", grid);
+  TORCH_CHECK(x.dim() == 4, "lifeiqa_fast.grid_pool: x must have shape (B, H, W, C), got ", shape_text(x.sizes()));
+  check_floating("grid_pool", x);
+  TORCH_CHECK(grid >= 1, "lifeiqa_fast.grid_pool: grid must be a positive int, got ", grid);
   TORCH_CHECK(x.size(1) >= grid && x.size(2) >= grid,
               "lifeiqa_fast.grid_pool: x must have H >= grid and W >= grid so that no bin is empty, got H=",
               x.size(1), ", W=", x.size(2), ", grid=", grid);
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
-              "lifeiqa_fast.grid_pool: x must be a floating tensor, got ", x.scalar_type());
 }
 
 inline void check_grid_pool_backward_input(const at::Tensor& grad, int64_t height, int64_t width,

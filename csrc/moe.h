@@ -18,41 +18,36 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include "check.h"
+
 namespace lifeiqa_fast {
 
 inline void check_moe_input(const at::Tensor& x, const at::Tensor& router_weight, const at::Tensor& router_bias,
                             const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                             int64_t top_k, const std::optional<at::Tensor>& dropout_mask) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) >= 1 && x.is_contiguous(),
-              "lifeiqa_fast.moe: x must be a contiguous (T, D) tensor, got ", x.sizes());
+  const char* op = "moe";
+  TORCH_CHECK(x.dim() == 2 && at::isFloatingType(x.scalar_type()) && x.size(1) >= 1,
+              "lifeiqa_fast.moe: x must be a floating (T, D) tensor, D >= 1, got ", dtype_text(x.scalar_type()), " ",
+              shape_text(x.sizes()));
   const int64_t T = x.size(0), D = x.size(1);
-  TORCH_CHECK(router_weight.dim() == 2 && router_weight.size(0) >= 1 && router_weight.size(1) == D,
-              "lifeiqa_fast.moe: router_weight must have shape (E, D) with D = ", D, ", got ", router_weight.sizes());
-  const int64_t E = router_weight.size(0);
-  TORCH_CHECK(top_k >= 1 && top_k <= E, "lifeiqa_fast.moe: top_k must be in [1, E = ", E, "], got ", top_k);
-  TORCH_CHECK(w1.dim() == 3 && w1.size(0) == E && w1.size(2) == D && w1.size(1) >= 1,
-              "lifeiqa_fast.moe: w1 must have shape (E, F, D) with E = ", E, ", D = ", D, ", got ", w1.sizes());
-  const int64_t F = w1.size(1);
-  TORCH_CHECK(w2.sizes() == at::IntArrayRef({E, D, F}), "lifeiqa_fast.moe: w2 must have shape (E, D, F) = (", E,
-              ", ", D, ", ", F, "), got ", w2.sizes());
-  TORCH_CHECK(router_bias.sizes() == at::IntArrayRef({E}) && b1.sizes() == at::IntArrayRef({E, F}) &&
-                  b2.sizes() == at::IntArrayRef({E, D}),
-              "lifeiqa_fast.moe: router_bias, b1, b2 must have shapes (E,), (E, F), (E, D) = (", E, ",), (", E, ", ",
-              F, "), (", E, ", ", D, "), got ", router_bias.sizes(), ", ", b1.sizes(), ", ", b2.sizes());
-  for (const at::Tensor* t : {&router_weight, &router_bias, &w1, &b1, &w2, &b2}) {
-    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device() && t->is_contiguous(),
-                "lifeiqa_fast.moe: weights and biases must be contiguous, of x's dtype and device (", x.scalar_type(),
-                ", ", x.device(), "), got ", t->scalar_type(), ", ", t->device());
-  }
-  if (dropout_mask.has_value()) {
-    TORCH_CHECK(dropout_mask->sizes() == at::IntArrayRef({T, top_k, F}) &&
-                    dropout_mask->scalar_type() == x.scalar_type() && dropout_mask->device() == x.device() &&
-                    dropout_mask->is_contiguous(),
-                "lifeiqa_fast.moe: dropout_mask must be None or a contiguous (T, top_k, F) = (", T, ", ", top_k, ", ",
-                F, ") tensor of x's dtype and device, got ", dropout_mask->sizes());
-  }
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "lifeiqa_fast.moe: x must be a floating tensor, got ",
-              x.scalar_type());
+  const int64_t E = agreed_size({size_if(router_weight, 2, 0), size_if(router_bias, 1, 0), size_if(w1, 3, 0),
+                                 size_if(b1, 2, 0), size_if(w2, 3, 0), size_if(b2, 2, 0)});
+  const int64_t F = agreed_size({size_if(w1, 3, 1), size_if(b1, 2, 1), size_if(w2, 3, 2)});
+  TORCH_CHECK(top_k >= 1 && top_k <= E, "lifeiqa_fast.moe: top_k must be an int in [1, E=", E, "], got ", top_k);
+  TORCH_CHECK(F != 0, "lifeiqa_fast.moe: w1 must have shape (E, F, D) with F >= 1, got ", shape_text(w1.sizes()));
+  check_shape(op, "router_weight", router_weight, "(E, D)", {E, D});
+  check_shape(op, "router_bias", router_bias, "(E,)", {E});
+  check_shape(op, "w1", w1, "(E, F, D)", {E, F, D});
+  check_shape(op, "b1", b1, "(E, F)", {E, F});
+  check_shape(op, "w2", w2, "(E, D, F)", {E, D, F});
+  check_shape(op, "b2", b2, "(E, D)", {E, D});
+  if (dropout_mask.has_value()) check_shape(op, "dropout_mask", *dropout_mask, "(T, top_k, F)", {T, top_k, F});
+  check_like_x(op, x, {{"router_weight", &router_weight}, {"router_bias", &router_bias}, {"w1", &w1}, {"b1", &b1},
+                       {"w2", &w2}, {"b2", &b2}});
+  if (dropout_mask.has_value()) check_like_x(op, x, {{"dropout_mask", &*dropout_mask}});
+  check_contiguous(op, {{"x", &x}, {"router_weight", &router_weight}, {"router_bias", &router_bias}, {"w1", &w1},
+                        {"b1", &b1}, {"w2", &w2}, {"b2", &b2}});
+  if (dropout_mask.has_value()) check_contiguous(op, {{"dropout_mask", &*dropout_mask}});
 }
 
 }  // namespace lifeiqa_fast

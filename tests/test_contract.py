@@ -4,23 +4,22 @@ the same message, word for word: "lifeiqa_fast.<op>: <argument> must ..., got ..
 on one side only fails here."""
 import pytest
 import torch
+from helpers import RAW_TAIL, small_args
 
 from lifeiqa_fast import _ext, ops
 
 pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="the compiled ops (_C) are not loaded")
 
-B, N, D, HEADS = 2, 6, 16, 2
-E, F, T = 4, 12, 5
+B, N, D, E, F, T = 2, 6, 16, 4, 12, 5  # small_args' sizes
 
 
 def _r(*shape, dtype=torch.float32):
     return torch.randn(*shape, dtype=dtype)
 
 
-# Per op: its valid arguments (as the public function and the raw op take them, in schema order), then
-# the bad cases: (what is wrong, argument index, bad value).
+# Per op, the bad cases: (what is wrong, argument index into small_args(op), bad value).
 OPS = {
-    "gcn": (lambda: [_r(B, N, D), None, _r(D, 8), _r(8), _r(8, 4), _r(4), _r(4, D), _r(D)], [
+    "gcn": [
         ("x of rank 2", 0, _r(N, D)),
         ("x with no tokens", 0, _r(B, 0, D)),
         ("x of integers", 0, torch.ones(B, N, D, dtype=torch.int32)),
@@ -33,9 +32,8 @@ OPS = {
         ("adj (5, 5)", 1, _r(5, 5)),
         ("adj float64", 1, _r(N, N, dtype=torch.float64)),
         ("w1 float64", 2, _r(D, 8, dtype=torch.float64)),
-    ]),
-    "cross_attention": (lambda: [_r(B, N, D), _r(B, 7, 2, D), _r(D), _r(D), _r(D, D), _r(D), _r(D, D), _r(D),
-                                 HEADS, 1e-5], [
+    ],
+    "cross_attention": [
         ("x of rank 2", 0, _r(N, D)),
         ("x of integers", 0, torch.ones(B, N, D, dtype=torch.int32)),
         ("kv with D + 1 channels", 1, _r(B, 7, 2, D + 1)),
@@ -45,17 +43,16 @@ OPS = {
         ("out_bias float64", 7, _r(D, dtype=torch.float64)),
         ("kv float64", 1, _r(B, 7, 2, D, dtype=torch.float64)),
         ("3 heads for D = 16", 8, 3),
-    ]),
-    "attend_memory": (lambda: [_r(B, N, D), _r(B, 7, D), _r(D), _r(D), _r(3 * D, D), _r(3 * D), _r(D, D), _r(D),
-                               HEADS, 1e-5], [
+    ],
+    "attend_memory": [
         ("x of rank 2", 0, _r(N, D)),
         ("memory with D + 1 channels", 1, _r(B, 7, D + 1)),
         ("in_proj_weight (D, D)", 4, _r(D, D)),
         ("in_proj_bias (D,)", 5, _r(D)),
         ("out_weight float64", 6, _r(D, D, dtype=torch.float64)),
         ("3 heads for D = 16", 8, 3),
-    ]),
-    "moe": (lambda: [_r(T, D), _r(E, D), _r(E), _r(E, F, D), _r(E, F), _r(E, D, F), _r(E, D), 2, None], [
+    ],
+    "moe": [
         ("x of rank 1", 0, _r(T)),
         ("router_weight (E, D + 1)", 1, _r(E, D + 1)),
         ("router_bias (E + 1,)", 2, _r(E + 1)),
@@ -67,28 +64,25 @@ OPS = {
         ("top_k 0", 7, 0),
         ("dropout_mask (T, 1, F)", 8, _r(T, 1, F)),
         ("dropout_mask float64", 8, _r(T, 2, F, dtype=torch.float64)),
-    ]),
-    "grid_pool": (lambda: [_r(B, 14, 14, D), 7], [
+    ],
+    "grid_pool": [
         ("x of rank 3", 0, _r(B, 14, 14)),
         ("x of integers", 0, torch.ones(B, 14, 14, D, dtype=torch.int32)),
         ("grid 0", 1, 0),
         ("x smaller than the grid", 0, _r(B, 5, 5, D)),
-    ]),
+    ],
 }
-RAW_TAIL = {"moe": (False,)}  # the raw op's arguments beyond the public function's (moe: dense)
-
-
 def _message(call) -> str:
     with pytest.raises((RuntimeError, TypeError, ValueError)) as info:
         call()
     return str(info.value).splitlines()[0]
 
 
-@pytest.mark.parametrize("op, case", [(op, case) for op, (_, cases) in OPS.items() for case in cases],
-                         ids=[f"{op}: {case[0]}" for op, (_, cases) in OPS.items() for case in cases])
+@pytest.mark.parametrize("op, case", [(op, case) for op, cases in OPS.items() for case in cases],
+                         ids=[f"{op}: {case[0]}" for op, cases in OPS.items() for case in cases])
 def test_python_and_cpp_checks_say_the_same(op, case):
     _, index, bad = case
-    args = OPS[op][0]()
+    args = small_args(op)
     args[index] = bad
     python = _message(lambda: getattr(ops, op)(*args, impl="reference"))
     native = _message(lambda: getattr(torch.ops.lifeiqa_fast, op)(*args, *RAW_TAIL.get(op, ())))

@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,20 +8,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lifeiqa_fast import ops
 from lifeiqa_fast.reference import cross_attention_ref, mha_ref
 
-from helpers import assert_gradients_match, assert_matches_reference, dtypes_for, impl_params, tolerance
-
-# (atol, rtol, slack) per dtype, forward and backward. fp32: the kernels sum the LayerNorm, the
-# scores and P V in another order than ATen, a few ulps through two projections. bf16/fp16: q and o
-# are rounded to the dtype as the module rounds them, the rest is fp32; the kernel must be no
-# further from the float64 truth than twice the reference's own error in that precision.
-TOLERANCE = {
-    torch.float32: {"forward": (2e-5, 2e-5, 1.0), "backward": (1e-4, 1e-4, 1.0)},
-    torch.bfloat16: {"forward": (2e-2, 2e-2, 2.0), "backward": (5e-2, 5e-2, 2.0)},
-    torch.float16: {"forward": (2e-3, 2e-3, 2.0), "backward": (5e-3, 5e-3, 2.0)},
-}
-# Triton's CPU interpreter converts fp32 to bf16 by truncation (GPUs round to nearest): q and o,
-# stored in bf16, are biased toward zero. On a GPU TOLERANCE applies.
-INTERPRETER_TOLERANCE = {torch.bfloat16: {"forward": (2e-2, 2e-2, 4.0), "backward": (5e-2, 5e-2, 4.0)}}
+from helpers import (TOLERANCE, assert_forward_backward_match, assert_gradients_match, assert_matches_reference,
+                     dtypes_for, float64_leaves, impl_params, randn_from, tolerance)
 
 # (B, Nq, Nk, D, num_heads); kv is one layer's slice of a (B, Nk, 3, 2, D) all-layers tensor
 CASES = [
@@ -39,12 +29,7 @@ def _inputs(case, dtype, device, seed=0):
     """x, kv_all: all layers' keys and values (B, Nk, 3, 2, D), of which tests take layer 1 (a strided
     slice, read in place), and the six parameters."""
     B, Nq, Nk, D, H = case
-    gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=1.0, shift=0.0):
-        t = shift + scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
-        return t.to(device=device, dtype=dtype)
-
+    rnd = functools.partial(randn_from, torch.Generator().manual_seed(seed), dtype=dtype, device=device)
     params = [rnd(D, scale=0.2, shift=1.0), rnd(D, scale=0.1), rnd(D, D, scale=D**-0.5), rnd(D, scale=0.1),
               rnd(D, D, scale=D**-0.5), rnd(D, scale=0.1)]
     return rnd(B, Nq, D), rnd(B, Nk, 3, 2, D), params
@@ -62,19 +47,14 @@ def test_matches_reference(impl_device, case):
     for dtype in dtypes_for(impl, device):
         x, kv_all, params = _inputs(case, dtype, device)
         leaves = [t.requires_grad_() for t in (x, kv_all, *params)]
-        leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+        leaves64 = float64_leaves(leaves)
         layer1 = lambda x, kv_all, *params: (x, kv_all[:, :, 1], *params)  # noqa: E731
         out = ops.cross_attention(*layer1(*leaves), H, impl=impl)
         ref = cross_attention_ref(*layer1(*leaves), H)
         truth = cross_attention_ref(*layer1(*leaves64), H)
-        tol = tolerance(TOLERANCE, INTERPRETER_TOLERANCE, impl, device, dtype)
-        assert_matches_reference(out, ref, truth, tol["forward"], f"{impl} {device} {dtype} forward")
-
-        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
-        grads = _grads(out, leaves, dout.to(dtype))
-        grads_ref = _grads(ref, leaves, dout.to(dtype))
-        grads_truth = _grads(truth, leaves64, dout)
-        assert_gradients_match(NAMES, grads, grads_ref, grads_truth, tol["backward"], f"{impl} {device} {dtype}")
+        dout = randn_from(torch.Generator().manual_seed(1), *out.shape)
+        assert_forward_backward_match(out, ref, truth, leaves, leaves64, NAMES, dout,
+                                      tolerance("cross_attention", impl, device, dtype), f"{impl} {device} {dtype}")
 
 
 @pytest.mark.parametrize("impl", ["reference", "auto"])
@@ -177,10 +157,9 @@ def test_double_backward_alternatives():
     """What the error recommends has a right double backward: the reference under the math attention,
     and attend_memory (composite ATen ops), both equal to mha_ref's in float64."""
     B, Nq, Nk, D, H = 2, 3, 5, 8, 2
-    gen = torch.Generator().manual_seed(0)
-    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
-    leaves = [t.requires_grad_() for t in (rnd(B, Nq, D), rnd(B, Nk, D), 1 + 0.2 * rnd(D), rnd(D), rnd(3 * D, D),
-                                           rnd(3 * D), rnd(D, D), rnd(D))]
+    rnd = functools.partial(randn_from, torch.Generator().manual_seed(0))
+    leaves = [t.requires_grad_() for t in (rnd(B, Nq, D), rnd(B, Nk, D), rnd(D, scale=0.2, shift=1.0), rnd(D),
+                                           rnd(3 * D, D), rnd(3 * D), rnd(D, D), rnd(D))]
 
     def via_kv(x, memory, nw, nb, w, b, ow, ob):
         kv = F.linear(memory, w[D:], b[D:]).view(B, Nk, 2, D)
@@ -257,7 +236,7 @@ def test_bad_input_errors(call, error, message):
 
 def test_native_op_checks_its_contract():
     x, kv_all, params = _inputs((2, 6, 9, 32, 2), torch.float32, "cpu")
-    with pytest.raises(RuntimeError, match=r"lifeiqa_fast.cross_attention: q_weight and out_weight must be"):
+    with pytest.raises(RuntimeError, match=r"lifeiqa_fast.cross_attention: q_weight must have shape \(D, D\) = \(32, 32\)"):
         torch.ops.lifeiqa_fast.cross_attention(x, kv_all[:, :, 0], *params[:2], params[2][:, :16].contiguous(),
                                                *params[3:], 2, 1e-5)
 
@@ -273,12 +252,11 @@ def _attend_memory_case(case, dtype, scale=1.0, impl="composite"):
     truth's outputs)) for case (B, Nq, Nk, D, H); memory and in_proj's weights scaled by scale."""
     B, Nq, Nk, D, H = case
     gen = torch.Generator().manual_seed(0)
-    rnd = lambda *shape, s=1.0: (s * torch.randn(*shape, generator=gen, dtype=torch.float64))  # noqa: E731
-    leaves64 = [rnd(B, Nq, D), rnd(B, Nk, D, s=scale), 1 + rnd(D, s=0.2), rnd(D, s=0.1),
-                rnd(3 * D, D, s=scale * D**-0.5), rnd(3 * D, s=0.5), rnd(D, D, s=D**-0.5), rnd(D, s=0.1)]
-    leaves = [t.to(dtype).requires_grad_() for t in leaves64]
-    for t in leaves64:
-        t.requires_grad_()
+    rnd = functools.partial(randn_from, gen)
+    values = [rnd(B, Nq, D), rnd(B, Nk, D, scale=scale), rnd(D, scale=0.2, shift=1.0), rnd(D, scale=0.1),
+              rnd(3 * D, D, scale=scale * D**-0.5), rnd(3 * D, scale=0.5), rnd(D, D, scale=D**-0.5), rnd(D, scale=0.1)]
+    leaves = [t.to(dtype).requires_grad_() for t in values]
+    leaves64 = float64_leaves(values)
     outs = [ops.attend_memory(*leaves, H, impl=impl), mha_ref(*leaves, H), mha_ref(*leaves64, H)]
     return gen, leaves, leaves64, outs
 
@@ -300,11 +278,9 @@ def test_attend_memory_equals_the_official_layer(impl_device, case, dtype):
             _attend_memory_case(case, dtype, impl=impl)
         return
     gen, leaves, leaves64, (out, ref, truth) = _attend_memory_case(case, dtype, impl=impl)
-    tol = TOLERANCE.get(dtype, {"forward": (1e-12, 1e-12, 1.0), "backward": (1e-11, 1e-11, 1.0)})
-    assert_matches_reference(out, ref, truth, tol["forward"], f"attend_memory {impl} {dtype} forward")
-    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-    assert_gradients_match(MEMORY_NAMES, _grads(out, leaves, dout.to(dtype)), _grads(ref, leaves, dout.to(dtype)),
-                           _grads(truth, leaves64, dout), tol["backward"], f"attend_memory {impl} {dtype}")
+    tol = TOLERANCE["attend_memory"].get(dtype, {"forward": (1e-12, 1e-12, 1.0), "backward": (1e-11, 1e-11, 1.0)})
+    assert_forward_backward_match(out, ref, truth, leaves, leaves64, MEMORY_NAMES, randn_from(gen, *out.shape), tol,
+                                  f"attend_memory {impl} {dtype}")
 
 
 def test_attend_memory_auto_takes_the_kernel_at_few_rows_without_autograd():
@@ -333,11 +309,11 @@ def test_attend_memory_kernel_checks_its_input():
     _, leaves, _, _ = _attend_memory_case((2, 6, 9, 32, 2), torch.float32)
     x, memory, nw, nb, w, b, ow, ob = (t.detach() for t in leaves)
     op = torch.ops.lifeiqa_fast.attend_memory
-    with pytest.raises(RuntimeError, match=r"in_proj_weight \(3D, D\).* D = 32, got \[32, 32\]"):
+    with pytest.raises(RuntimeError, match=r"in_proj_weight must have shape \(3D, D\) = \(96, 32\), got \(32, 32\)"):
         op(x, memory, nw, nb, w[:32].contiguous(), b, ow, ob, 2, 1e-5)
-    with pytest.raises(RuntimeError, match="the CPU kernel takes float32 and bfloat16, got Double"):
+    with pytest.raises(RuntimeError, match="the CPU kernel takes float32 and bfloat16, got torch.float64"):
         op(*(t.double() for t in (x, memory, nw, nb, w, b, ow, ob)), 2, 1e-5)
-    with pytest.raises(RuntimeError, match="num_heads must divide D = 32, got num_heads=3"):
+    with pytest.raises(RuntimeError, match="num_heads must be an int dividing D=32, got 3"):
         op(x, memory, nw, nb, w, b, ow, ob, 3, 1e-5)
 
 
@@ -378,10 +354,10 @@ def test_attend_memory_large_scores_half(dtype, impl):
     gen, leaves, leaves64, (out, ref, truth) = _attend_memory_case((2, 6, 49, 64, 2), dtype, scale=30.0, impl=impl)
     assert bool(out.isfinite().all()), f"attend_memory {dtype}: {int((~out.isfinite()).sum())} non-finite outputs"
     scale = truth.abs().max().item()  # outputs near 4e3: the tolerances are relative to that
-    fwd_atol, fwd_rtol, slack = TOLERANCE[dtype]["forward"]
+    fwd_atol, fwd_rtol, slack = TOLERANCE["attend_memory"][dtype]["forward"]
     assert_matches_reference(out, ref, truth, (fwd_atol * scale, fwd_rtol, slack), f"attend_memory {dtype} forward")
-    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    dout = randn_from(gen, *out.shape)
     grads = _grads(out, leaves, dout.to(dtype))
     assert all(bool(g.isfinite().all()) for g in grads), f"attend_memory {dtype}: non-finite gradients"
     assert_gradients_match(MEMORY_NAMES, grads, _grads(ref, leaves, dout.to(dtype)), _grads(truth, leaves64, dout),
-                           TOLERANCE[dtype]["backward"], f"attend_memory {dtype}")
+                           TOLERANCE["attend_memory"][dtype]["backward"], f"attend_memory {dtype}")

@@ -1,24 +1,13 @@
+import functools
+
 import pytest
 import torch
 
 from lifeiqa_fast import ops
 from lifeiqa_fast.reference import fixed_adjacency, gcn_ref
 
-from helpers import assert_gradients_match, assert_matches_reference, dtypes_for, impl_params, tolerance
-
-# (atol, rtol, slack) per dtype, forward and backward. fp32: the kernels sum in another order than
-# the reference's bmm (and the fixed graph in closed form), a few ulps through three layers. bf16/fp16:
-# the kernels keep h1, h2 in fp32 where the reference rounds them, so they must be no further from
-# the float64 truth than the reference is in that precision (slack 1.5 for rounding luck).
-TOLERANCE = {
-    torch.float32: {"forward": (1e-5, 1e-5, 1.0), "backward": (1e-4, 1e-4, 1.0)},
-    torch.bfloat16: {"forward": (2e-2, 2e-2, 1.5), "backward": (5e-2, 5e-2, 1.5)},
-    torch.float16: {"forward": (2e-3, 2e-3, 1.5), "backward": (5e-3, 5e-3, 1.5)},
-}
-# Triton's CPU interpreter converts to bf16 by truncation (GPUs round to nearest): h1 and h2, stored in
-# bf16 between layers, are biased toward zero, which flips ReLU masks near zero and moves the
-# gradients further from the truth than the reference's own bf16 error. On a GPU TOLERANCE applies.
-INTERPRETER_TOLERANCE = {torch.bfloat16: {"forward": (2e-2, 2e-2, 3.0), "backward": (5e-2, 5e-2, 8.0)}}
+from helpers import (assert_forward_backward_match, dtypes_for, float64_leaves, impl_params, randn_from,
+                     tolerance)
 
 # (B, N, D, H1, H2, adjacency)
 CASES = [
@@ -34,10 +23,7 @@ CASES = [
 def _inputs(case, dtype, device, seed=0):
     B, N, D, H1, H2, kind = case
     gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(device=device, dtype=dtype)
-
+    rnd = functools.partial(randn_from, gen, dtype=dtype, device=device)
     x = rnd(B, N, D)
     weights = [rnd(D, H1, scale=D**-0.5), rnd(H1, scale=0.1), rnd(H1, H2, scale=H1**-0.5), rnd(H2, scale=0.1),
                rnd(H2, D, scale=H2**-0.5), rnd(D, scale=0.1)]
@@ -52,10 +38,6 @@ def _reference(x, adj, weights):
     return gcn_ref(x, a, *weights)
 
 
-def _grads(out, inputs, dout):
-    return torch.autograd.grad(out, inputs, dout)
-
-
 @pytest.mark.parametrize("impl_device", impl_params("gcn"))
 @pytest.mark.parametrize("case", CASES)
 def test_matches_reference(impl_device, case):
@@ -65,18 +47,13 @@ def test_matches_reference(impl_device, case):
         leaves = [t.requires_grad_() for t in [x, *weights] + ([adj] if adj is not None else [])]
         out = ops.gcn(x, adj, *weights, impl=impl)
         ref = _reference(x, adj, weights)
-        leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+        leaves64 = float64_leaves(leaves)
         x64, w64, adj64 = leaves64[0], leaves64[1:7], (leaves64[7] if adj is not None else None)
         truth = _reference(x64, adj64, w64)
-        tol = tolerance(TOLERANCE, INTERPRETER_TOLERANCE, impl, device, dtype)
-        assert_matches_reference(out, ref, truth, tol["forward"], f"{impl} {device} {dtype} forward")
-
-        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
-        grads = _grads(out, leaves, dout.to(dtype))
-        grads_ref = _grads(ref, leaves, dout.to(dtype))
-        grads_truth = _grads(truth, leaves64, dout)
         names = ["x", "w1", "b1", "w2", "b2", "w3", "b3", "adj"][: len(leaves)]
-        assert_gradients_match(names, grads, grads_ref, grads_truth, tol["backward"], f"{impl} {device} {dtype}")
+        dout = randn_from(torch.Generator().manual_seed(1), *out.shape)
+        assert_forward_backward_match(out, ref, truth, leaves, leaves64, names, dout,
+                                      tolerance("gcn", impl, device, dtype), f"{impl} {device} {dtype}")
 
 
 def test_bf16_native_cpu_uses_blas_path():

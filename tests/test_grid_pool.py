@@ -8,22 +8,7 @@ from lifeiqa_fast.ops import _impl
 from lifeiqa_fast.ops.grid_pool import bin_edges
 from lifeiqa_fast.reference import grid_pool_ref
 
-from helpers import assert_matches_reference, dtypes_for, impl_params, tolerance
-
-# (atol, rtol, slack) per dtype, forward and backward. A bin mean is a short fp32 sum rounded once:
-# fp32 differs from the float64 truth by summation order only; in bf16/fp16 the kernels round once
-# where the reference (sum, round, divide, round) rounds twice, so they must be no worse than it.
-TOLERANCE = {
-    torch.float32: {"forward": (1e-6, 1e-6, 1.0), "backward": (1e-7, 1e-6, 1.0)},
-    torch.bfloat16: {"forward": (1e-3, 4e-3, 1.0), "backward": (1e-4, 4e-3, 1.0)},
-    torch.float16: {"forward": (1e-4, 5e-4, 1.0), "backward": (1e-5, 5e-4, 1.0)},
-}
-# Triton's CPU interpreter converts to bf16/fp16 by truncation, where GPUs round to nearest: up to
-# one ulp (2^-7 relative in bf16, 2^-10 in fp16) instead of half of one.
-INTERPRETER_TOLERANCE = {
-    torch.bfloat16: {"forward": (1e-3, 2**-7, 1.0), "backward": (1e-4, 2**-7, 1.0)},
-    torch.float16: {"forward": (1e-4, 2**-10, 1.0), "backward": (1e-5, 2**-10, 1.0)},
-}
+from helpers import assert_matches_reference, dtypes_for, impl_params, randn_from, tolerance
 
 # (B, H, W, C, grid)
 CASES = [
@@ -38,7 +23,7 @@ CASES = [
 
 def _input(shape, dtype, device, layout="nhwc", seed=0):
     B, H, W, C, _ = shape
-    x = torch.randn(B, H, W, C, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x = randn_from(torch.Generator().manual_seed(seed), B, H, W, C)
     x = x if layout == "nhwc" else x.permute(0, 3, 1, 2).contiguous()
     return x.to(device=device, dtype=dtype)
 
@@ -59,10 +44,10 @@ def test_matches_reference(impl_device, shape, layout):
         x64 = x.detach().double().requires_grad_()
         truth = grid_pool_ref(_nchw(x64, layout), grid)
         ref = grid_pool_ref(_nchw(x.detach(), layout), grid)
-        tol = tolerance(TOLERANCE, INTERPRETER_TOLERANCE, impl, device, dtype)
+        tol = tolerance("grid_pool", impl, device, dtype)
         assert_matches_reference(out, ref, truth, tol["forward"], f"{impl} {device} {dtype} forward")
 
-        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        dout = randn_from(torch.Generator().manual_seed(1), *out.shape)
         (dx,) = torch.autograd.grad(out, x, dout.to(device=device, dtype=dtype))
         (dx_truth,) = torch.autograd.grad(truth, x64, dout.to(device))
         x_ref = x.detach().clone().requires_grad_()

@@ -5,10 +5,10 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import lifeiqa_fast
+from lifeiqa_fast.loss import router_loss, training_loss
 
 from authors_lifeiqa import Life_models
 from test_model import TINY, _images, tiny
@@ -44,7 +44,7 @@ def _training_step(model, x, target):
     """The authors' training loss and every parameter's gradient (zeros where none reached it)."""
     model.zero_grad()
     score, aux, z = model(x)
-    loss = F.smooth_l1_loss(score, target) + 0.01 * aux + 0.001 * z
+    loss = training_loss(score, target, aux, z)
     loss.backward()
     return loss.detach(), {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in model.named_parameters()}
 
@@ -91,6 +91,22 @@ def _eval_outputs_match(authors, x):
     with torch.no_grad():
         torch.testing.assert_close(fast(x), authors.eval()(x), atol=1e-5, rtol=1e-5)
     return fast
+
+
+def _state(module: nn.Module) -> dict:
+    """What a module's class sets on it beyond what every nn.Module holds: name -> the value's type."""
+    every_module = set(vars(nn.Module()))
+    return {k: type(v) for k, v in vars(module).items() if k not in every_module}
+
+
+def test_optimize_gives_each_module_what_its_own_init_sets():
+    """A converted module holds the same attributes as one its class builds (a new attribute set in a
+    module's __init__ and not in its _init_state would leave converted models without it)."""
+    authors, ours = lifeiqa_fast.optimize(authors_model(num_experts=2, depth=2)), tiny(num_experts=2, depth=2)
+    for path in ("UPP_layer3", "bunch_decoder", "bunch_decoder.layers.0", "MOE"):
+        converted, built = authors.get_submodule(path), ours.get_submodule(path)
+        assert type(converted) is type(built)
+        assert _state(built).items() <= _state(converted).items(), path
 
 
 def test_optimize_keeps_an_edited_graph():
@@ -140,7 +156,7 @@ def test_optimized_authors_model_trains():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     before = model.MOE.experts[0].net[0].weight.detach().clone()
     score, aux, z = model(_images(2))
-    (score.sum() + 0.01 * aux + 0.001 * z).backward()
+    (score.sum() + router_loss(aux, z)).backward()
     opt.step()
     assert not torch.equal(before, model.MOE.experts[0].net[0].weight)
     with torch.no_grad():  # the stacked expert weights follow the step

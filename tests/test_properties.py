@@ -18,11 +18,8 @@ import torch.nn.functional as F
 from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
-import test_cross_attention
-import test_gcn
-import test_grid_pool
-import test_moe
-from helpers import assert_matches_reference
+import helpers
+from helpers import assert_each_matches_reference, float64_leaves, moe_loss, randn_from
 from lifeiqa_fast import ops
 from lifeiqa_fast.ops._impl import _why_not
 from lifeiqa_fast.ops.cross_attention import MAX_QUERIES
@@ -37,25 +34,25 @@ CHILD_TIMEOUT_S = 120  # one example, fork to verdict; the slowest take well und
 pytestmark = pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
                                 reason="the examples run in forked children: no fork on this platform")
 
-# (atol, rtol, slack) per op and dtype, forward and backward: each op's own table (its test file says
+# (atol, rtol, slack) per op and dtype, forward and backward: each op's own table (helpers.TOLERANCE says
 # why), plus float64, where kernel and reference both compute in float64 and differ by summation order
 # only. Values are drawn at scales 1/4 to 4, so atol is applied per unit of the largest |truth| of the
-# tensor compared (as helpers.assert_gradients_match does for gradients).
+# tensor compared (helpers.assert_each_matches_reference).
 FLOAT64 = {"forward": (1e-10, 1e-10, 1.0), "backward": (1e-10, 1e-10, 1.0)}
 TOLERANCE = {
-    "grid_pool": {**test_grid_pool.TOLERANCE, torch.float64: FLOAT64},
-    "gcn": {**test_gcn.TOLERANCE, torch.float64: FLOAT64},
+    "grid_pool": {**helpers.TOLERANCE["grid_pool"], torch.float64: FLOAT64},
+    "gcn": {**helpers.TOLERANCE["gcn"], torch.float64: FLOAT64},
     # random shapes include ill-conditioned layers (a LayerNorm over 2 channels of nearly equal values,
     # scores scaled by 16): both implementations' errors grow there, the kernel's up to 2.7x the
     # reference's (fp32, D = 2, Nq 64, Nk 130): 4x the reference's own error, plus atol
     "cross_attention": {**{dtype: {way: (*tol[:2], max(tol[2], 4.0)) for way, tol in table.items()}
-                           for dtype, table in test_cross_attention.TOLERANCE.items()}, torch.float64: FLOAT64},
+                           for dtype, table in helpers.TOLERANCE["cross_attention"].items()}, torch.float64: FLOAT64},
     # float64 gradients: aux's flows through the authors' gates.float(), fp32 even in float64
-    "moe": {**test_moe.TOLERANCE, torch.float64: {"forward": FLOAT64["forward"], "backward": (1e-8, 1e-8, 1.0)}},
+    "moe": {**helpers.TOLERANCE["moe"], torch.float64: {"forward": FLOAT64["forward"], "backward": (1e-8, 1e-8, 1.0)}},
 }
 # attend_memory against the authors' module call: composite ATen ops both, the same rounding points
 # up to the order of the products; fp16 too (it runs anywhere, half scores in fp32).
-TOLERANCE["attend_memory"] = {**test_cross_attention.TOLERANCE, torch.float64: FLOAT64}
+TOLERANCE["attend_memory"] = {**helpers.TOLERANCE["attend_memory"], torch.float64: FLOAT64}
 
 DTYPES = st.sampled_from([torch.float32, torch.bfloat16, torch.float64])
 SCALES = st.sampled_from([0.25, 1.0, 4.0])
@@ -128,7 +125,7 @@ def run_forked(fn, case) -> None:
 
 def _tensor(gen, shape, dtype, layout, scale=1.0, shift=0.0):
     """shift + scale * randn(shape) in dtype, laid out as LAYOUTS says; a leaf that requires grad."""
-    return _laid_out(shift + scale * torch.randn(shape, generator=gen, dtype=torch.float64), dtype, layout)
+    return _laid_out(randn_from(gen, *shape, scale=scale, shift=shift), dtype, layout)
 
 
 def _laid_out(values, dtype, layout):
@@ -147,19 +144,6 @@ def _laid_out(values, dtype, layout):
     return t.detach().requires_grad_()
 
 
-def _float64(tensors):
-    """The same values in float64, leaves that require grad: the truth's inputs."""
-    return [t.detach().double().requires_grad_() for t in tensors]
-
-
-def _compare(names, got, reference, truth, tol, what) -> None:
-    """assert_matches_reference for each named tensor, atol per unit of its largest |truth|."""
-    atol, rtol, slack = tol
-    for name, g, r, t in zip(names, got, reference, truth, strict=True):
-        unit = max(1.0, t.abs().max().item()) if t.numel() else 1.0
-        assert_matches_reference(g, r, t, (atol * unit, rtol, slack), f"{what} {name}")
-
-
 def _grads(out, leaves, dout):
     if not out.requires_grad:  # the reference's moe with no tokens: out is zeros_like(x), no graph
         return [torch.zeros_like(t) for t in leaves]
@@ -169,13 +153,13 @@ def _grads(out, leaves, dout):
 def _check_against_reference(op, names, leaves, run, reference, dtype, what) -> None:
     """run(*leaves) (the native op) against reference(*leaves) in dtype and reference(*float64 leaves),
     forward and backward along one random cotangent."""
-    leaves64 = _float64(leaves)
+    leaves64 = float64_leaves(leaves)
     out, ref, truth = run(*leaves), reference(*leaves), reference(*leaves64)
     tol = TOLERANCE[op][dtype]
-    _compare(["out"], [out], [ref], [truth], tol["forward"], f"{what} forward")
+    assert_each_matches_reference(["out"], [out], [ref], [truth], tol["forward"], f"{what} forward")
     dout = torch.randn(truth.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    _compare(names, _grads(out, leaves, dout.to(dtype)), _grads(ref, leaves, dout.to(dtype)),
-             _grads(truth, leaves64, dout), tol["backward"], what)
+    assert_each_matches_reference(names, _grads(out, leaves, dout.to(dtype)), _grads(ref, leaves, dout.to(dtype)),
+                                  _grads(truth, leaves64, dout), tol["backward"], what)
 
 
 # ---------------------------------------------------------------- grid_pool
@@ -402,7 +386,7 @@ def _check_moe(c) -> None:
         keep = torch.rand(T, k, F, generator=gen) > 0.1
         mask = (keep / 0.9).to(dtype)
     mask64 = None if mask is None else mask.double()
-    leaves64 = _float64(leaves)
+    leaves64 = float64_leaves(leaves)
     out, aux, z = ops.moe(*leaves, k, mask, impl="native")
     ref = moe_ref(*leaves, k, dropout_mask=mask)
     truth = moe_ref(*leaves64, k, dropout_mask=mask64)
@@ -410,25 +394,24 @@ def _check_moe(c) -> None:
     what = f"moe {c['routing']}"
     if T == 0:  # no tokens: the losses are means over nothing; out and its gradients (zero) only
         assert out.shape == (0, D) and aux.shape == z.shape == (), f"{what}: shapes {out.shape} {aux.shape} {z.shape}"
-        _compare(MOE_NAMES, _grads(out, leaves, torch.zeros(0, D, dtype=dtype)),
-                 _grads(ref[0], leaves, torch.zeros(0, D, dtype=dtype)),
-                 _grads(truth[0], leaves64, torch.zeros(0, D, dtype=torch.float64)), tol["backward"], what)
+        assert_each_matches_reference(MOE_NAMES, _grads(out, leaves, torch.zeros(0, D, dtype=dtype)),
+                                      _grads(ref[0], leaves, torch.zeros(0, D, dtype=dtype)),
+                                      _grads(truth[0], leaves64, torch.zeros(0, D, dtype=torch.float64)),
+                                      tol["backward"], what)
         return
     # 0-d losses: fp32 (fp64 for fp64) in the kernel, compared in the test dtype as test_moe does
-    _compare(["out", "z"], [out, z.to(dtype)], [ref[0], ref[2].to(dtype)], [truth[0], truth[2]], tol["forward"],
-             f"{what} forward")
+    assert_each_matches_reference(["out", "z"], [out, z.to(dtype)], [ref[0], ref[2].to(dtype)], [truth[0], truth[2]],
+                                  tol["forward"], f"{what} forward")
     # the authors form aux from gates.float(): in float64 the truth's aux is only fp32-accurate
     aux_tol = TOLERANCE["moe"][torch.float32 if dtype == torch.float64 else dtype]["forward"]
-    _compare(["aux"], [aux.to(dtype)], [ref[1].to(dtype)], [truth[1]], aux_tol, f"{what} forward")
+    assert_each_matches_reference(["aux"], [aux.to(dtype)], [ref[1].to(dtype)], [truth[1]], aux_tol,
+                                  f"{what} forward")
     dout = torch.randn(T, D, generator=gen, dtype=torch.float64)
-
-    def loss(out, aux, z, dout):
-        return (out * dout).sum() + 0.01 * aux + 0.001 * z
-
-    grads = torch.autograd.grad(loss(out, aux, z, dout.to(dtype)), leaves, allow_unused=True, materialize_grads=True)
-    grads_ref = torch.autograd.grad(loss(*ref, dout.to(dtype)), leaves, allow_unused=True, materialize_grads=True)
-    grads_truth = torch.autograd.grad(loss(*truth, dout), leaves64, allow_unused=True, materialize_grads=True)
-    _compare(MOE_NAMES, grads, grads_ref, grads_truth, tol["backward"], what)
+    grads = torch.autograd.grad(moe_loss(out, aux, z, dout.to(dtype)), leaves, allow_unused=True,
+                                materialize_grads=True)
+    grads_ref = torch.autograd.grad(moe_loss(*ref, dout.to(dtype)), leaves, allow_unused=True, materialize_grads=True)
+    grads_truth = torch.autograd.grad(moe_loss(*truth, dout), leaves64, allow_unused=True, materialize_grads=True)
+    assert_each_matches_reference(MOE_NAMES, grads, grads_ref, grads_truth, tol["backward"], what)
 
 
 @settings(**SETTINGS)

@@ -48,6 +48,7 @@ def requested(impl: str | None) -> str:
 # to float32 and autocast off inside, as autocast treats layer_norm and softmax. One dtype whatever the
 # autocast dtype, and whichever implementation "auto" picks; the kernels accumulate in float32 anyway.
 AUTOCAST_DTYPE = torch.float32
+_AUTOCAST_DEVICES = ("cpu", "cuda")  # where the rule is registered (torch.is_autocast_enabled rejects "meta")
 
 
 def _autocast_cast(value, device_type: str):
@@ -69,7 +70,7 @@ def autocast_rule(op):
     @functools.wraps(op)
     def run(x, *args, **kwargs):
         device_type = x.device.type if isinstance(x, torch.Tensor) else None
-        if device_type is None or not torch.is_autocast_enabled(device_type):
+        if device_type not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
             return op(x, *args, **kwargs)
         bound = signature.bind(x, *args, **kwargs)
         if requested(bound.arguments.get("impl")) == "reference":
@@ -83,7 +84,7 @@ def autocast_rule(op):
 
 def register_autocast(op) -> None:
     """The autocast rule of autocast_rule for a custom op (a name, OpOverload or custom_op), on CPU and CUDA."""
-    for device_type in ("cpu", "cuda"):
+    for device_type in _AUTOCAST_DEVICES:
         torch.library.register_autocast(op, device_type, AUTOCAST_DTYPE)
 
 

@@ -13,6 +13,7 @@ import tempfile
 import torch
 
 import lifeiqa_fast
+from lifeiqa_fast import images
 from lifeiqa_fast.loss import AUX_WEIGHT, Z_WEIGHT
 from lifeiqa_fast.model import Decoder
 from lifeiqa_fast.ops import cross_attention, gcn, grid_pool
@@ -223,6 +224,11 @@ SCORER_IMPLS = {"scorer-fp32": dict(dtype="fp32"), "scorer-bf16": dict(dtype="bf
                 "autocast-fp16": None}
 
 
+def _imagenet(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ImageNet mean and std the Scorer normalises with (lifeiqa_fast.images), as (1, 3, 1, 1) tensors."""
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (images.MEAN, images.STD))
+
+
 def _scorer_inputs(batch: int, dtype: torch.dtype, device: torch.device) -> tuple:
     return (torch.rand(batch, 3, 224, 224, device=device, dtype=dtype),)
 
@@ -230,8 +236,7 @@ def _scorer_inputs(batch: int, dtype: torch.dtype, device: torch.device) -> tupl
 def _scorer_build(impl: str, device: torch.device, dtype: torch.dtype):
     """(images in [0, 1] (B, 3, 224, 224) -> scores (B, 1)), no parameters (forward rows only)."""
     official = _lifeiqa("eager", device, torch.float32)
-    mean = torch.tensor(lifeiqa_fast.scorer.MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(lifeiqa_fast.scorer.STD, device=device).view(1, 3, 1, 1)
+    mean, std = _imagenet(device)
     if impl == "eager" or impl == "autocast-fp16":
         if impl == "autocast-fp16" and device.type != "cuda":
             raise Unavailable("n/a (CUDA only)")
@@ -289,8 +294,7 @@ def _onnx_build(impl: str, device: torch.device, dtype: torch.dtype):
         session = _onnx_session()
         return (lambda x: torch.from_numpy(onnx_scores(session, x))), ()
     model = _lifeiqa("eager" if impl == "eager" else "optimized", device, torch.float32)
-    mean = torch.tensor(lifeiqa_fast.scorer.MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(lifeiqa_fast.scorer.STD, device=device).view(1, 3, 1, 1)
+    mean, std = _imagenet(device)
     return (lambda x: model((x.float() - mean) / std)[0].view(-1)), ()
 
 

@@ -135,7 +135,8 @@ void check_attend_memory_input(const at::Tensor& x, const at::Tensor& memory, co
                                 {"out_weight", &out_weight}, {"out_bias", &out_bias}};
   check_like_x(op, x, tensors);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "lifeiqa_fast.attend_memory: the CPU kernel takes float32 and bfloat16, got ", dtype_text(x.scalar_type()));
+              "lifeiqa_fast.attend_memory: the CPU kernel takes float32 and bfloat16, got ",
+              dtype_text(x.scalar_type()));
   check_contiguous(op, {{"x", &x}});
   check_contiguous(op, tensors);
 }

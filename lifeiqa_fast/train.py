@@ -4,15 +4,15 @@
 the train side of a split and evaluates the test side after every epoch; `repeats` runs use the
 splits of seeds split_seed, split_seed + 1, ... and the summary gives the median over runs.
 
-What follows the authors' code (their main.py and configs/swin/*.yaml): the loss (lifeiqa_fast.loss.
-training_loss) SmoothL1(score, mos) + 0.01 aux + 0.001 z; AdamW (betas 0.9/0.999, eps 1e-8) with no weight decay on 1-D parameters
-and biases; the learning rate stepped per iteration, linear warm-up from WARMUP_LR over the first
-WARMUP_EPOCHS, then x0.1 every DECAY_EPOCHS (counted from the first iteration) or cosine to MIN_LR;
-grad-norm clip 5; fp16 autocast with loss scaling on CUDA; each training image seen PATCH_NUM times
-an epoch, each time a random horizontal flip then a random 224 crop; KonIQ and SPAQ images resized
-to (512, 384) first; the best epoch is the one of the highest test SRCC (ties: the later), and
-max_plcc is their running maximum of PLCC taken at such epochs. Checkpoints have their keys
-{'model', 'optimizer', 'lr_scheduler', 'epoch', 'max_plcc', 'config'}.
+What follows the authors' code (their main.py and configs/swin/*.yaml): the loss
+(lifeiqa_fast.loss.training_loss) SmoothL1(score, mos) + 0.01 aux + 0.001 z; AdamW (betas 0.9/0.999, eps
+1e-8) with no weight decay on 1-D parameters and biases; the learning rate stepped per iteration, linear
+warm-up from WARMUP_LR over the first WARMUP_EPOCHS, then x0.1 every DECAY_EPOCHS (counted from the
+first iteration) or cosine to MIN_LR; grad-norm clip 5; fp16 autocast with loss scaling on CUDA; each
+training image seen PATCH_NUM times an epoch, each time a random horizontal flip then a random 224 crop;
+KonIQ and SPAQ images resized to (512, 384) first; the best epoch is the one of the highest test SRCC
+(ties: the later), and max_plcc is their running maximum of PLCC taken at such epochs. Checkpoints have
+their keys {'model', 'optimizer', 'lr_scheduler', 'epoch', 'max_plcc', 'config'}.
 
 What differs, on purpose: test images are scored on a deterministic grid of crops by default (the
 authors: PATCH_NUM random crops, `test_crops="official"`); every epoch's checkpoint is written

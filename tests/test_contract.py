@@ -13,8 +13,8 @@ pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="the compiled ops (_C) a
 B, N, D, E, F, T = 2, 6, 16, 4, 12, 5  # small_args' sizes
 
 
-def _r(*shape, dtype=torch.float32):
-    return torch.randn(*shape, dtype=dtype)
+def _r(*shape, dtype=torch.float32):  # the values do not matter to a check; zeros leave torch's RNG alone
+    return torch.zeros(*shape, dtype=dtype)
 
 
 # Per op, the bad cases: (what is wrong, argument index into small_args(op), bad value).

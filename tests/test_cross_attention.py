@@ -236,7 +236,8 @@ def test_bad_input_errors(call, error, message):
 
 def test_native_op_checks_its_contract():
     x, kv_all, params = _inputs((2, 6, 9, 32, 2), torch.float32, "cpu")
-    with pytest.raises(RuntimeError, match=r"lifeiqa_fast.cross_attention: q_weight must have shape \(D, D\) = \(32, 32\)"):
+    with pytest.raises(RuntimeError,
+                       match=r"lifeiqa_fast.cross_attention: q_weight must have shape \(D, D\) = \(32, 32\)"):
         torch.ops.lifeiqa_fast.cross_attention(x, kv_all[:, :, 0], *params[:2], params[2][:, :16].contiguous(),
                                                *params[3:], 2, 1e-5)
 
